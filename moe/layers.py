@@ -1,0 +1,133 @@
+"""Dense building blocks of the lean decoder: norms, rotary embeddings, attention, gated MLP.
+
+B sequences, N new tokens (tree nodes) per sequence, Lk keys, D hidden, H query heads,
+Hkv key/value heads, hd head dim, I MLP width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, as the Llama family does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Inverse frequencies [hd/2] including linear or llama3-style scaling."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    if cfg.rope_scaling is None:
+        return inv
+    s = dict(cfg.rope_scaling)
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return inv / float(s["factor"])
+    # llama3: leave high frequencies, divide low ones by `factor`, blend in between.
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_ctx = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(is_mid, mid, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position up to `max_len`, looked up by position."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(cfg))  # [T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                                               # [T, hd]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # [B, 1, N, hd] each, broadcast over heads
+        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention whose keys/values live in a shared `KVCache` slot per sequence."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = self.h * self.hd, self.hkv * self.hd
+        # q, k and v share one matmul: fewer, larger kernels on a CPU.
+        self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(q, cfg.rms_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(kv, cfg.rms_eps) if cfg.qk_norm else None
+        self.clip = cfg.clip_qkv
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                slots: Tensor, write_pos: Tensor, num_keys: int, mask: Tensor | None) -> Tensor:
+        """x [B, N, D]; k_cache/v_cache [S, Hkv, T, hd] of this layer; write_pos [B, N] positions."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x)
+        if self.clip is not None:
+            qkv = qkv.clamp(-self.clip, self.clip)
+        q, k, v = qkv.split([self.h * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, n, self.h, self.hd).transpose(1, 2)        # [B, H, N, hd]
+        k = k.view(b, n, self.hkv, self.hd).transpose(1, 2)      # [B, Hkv, N, hd]
+        v = v.view(b, n, self.hkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if b == 1:
+            # One sequence: write and read its slot through views, no gather copies.
+            s = int(slots[0])  # host sync: slots live on the host
+            start = int(write_pos[0, 0])
+            k_cache[s, :, start:start + n] = k[0]
+            v_cache[s, :, start:start + n] = v[0]
+            keys, values = k_cache[s:s + 1, :, :num_keys], v_cache[s:s + 1, :, :num_keys]
+        else:
+            k_cache[slots[:, None], :, write_pos] = k.transpose(1, 2)   # [B, N, Hkv, hd]
+            v_cache[slots[:, None], :, write_pos] = v.transpose(1, 2)
+            keys, values = k_cache[slots, :, :num_keys], v_cache[slots, :, :num_keys]  # [B, Hkv, Lk, hd]
+
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.h != self.hkv)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.h * self.hd))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.inner = inner
+        self.gate_up = nn.Linear(hidden, 2 * inner, bias=False)
+        self.down = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).split(self.inner, dim=-1)
+        return self.down(F.silu(gate) * up)

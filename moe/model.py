@@ -1,0 +1,103 @@
+"""The lean decoder: one forward over a batch of token trees, reading and writing a `KVCache`.
+
+B sequences, N tree nodes per sequence, Lk keys, D hidden, V vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from moe.config import ModelConfig
+from moe.kv_cache import KVCache
+from moe.layers import Attention, GatedMLP, RMSNorm, Rotary
+from moe.moe_block import MoEBlock
+from moe.tree import TreeBatch, attention_mask
+
+MoEBackend = Literal["local", "deepspeed"]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = mlp
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                slots: Tensor, write_pos: Tensor, num_keys: int, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, slots, write_pos, num_keys, mask)
+        return x + self.mlp(self.post_norm(x))
+
+
+def build_mlp(cfg: ModelConfig, layer: int, backend: MoEBackend, ep_size: int) -> nn.Module:
+    """The feed-forward block of one layer: dense, local MoE, or DeepSpeed's MoE layer."""
+    if layer not in cfg.sparse_layers:
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+    if backend == "deepspeed":
+        from moe.ds_moe import DeepSpeedMoEBlock  # imported lazily: deepspeed is slow to import
+
+        return DeepSpeedMoEBlock(cfg, ep_size=ep_size)
+    if ep_size != 1:
+        raise ValueError("expert parallelism (ep_size > 1) needs moe_backend='deepspeed'")
+    return MoEBlock(cfg)
+
+
+class LeanDecoder(nn.Module):
+    """Llama-family decoder (dense or MoE) whose forward takes token trees and a KV cache."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int | None = None, moe_backend: MoEBackend = "local",
+                 ep_size: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        self.max_len = min(max_len or cfg.max_position, cfg.max_position)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, build_mlp(cfg, i, moe_backend, ep_size)) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = Rotary(cfg, self.max_len)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, num_slots: int, max_len: int | None = None) -> KVCache:
+        """A KV cache sized for this model; `max_len` defaults to the model's context."""
+        c = self.cfg
+        return KVCache(c.num_layers, num_slots, c.num_kv_heads, min(max_len or self.max_len, self.max_len),
+                       c.head_dim, dtype=self.dtype, device=self.embed.weight.device)
+
+    @torch.inference_mode()
+    def forward(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache,
+                logits_for: Literal["all", "last"] = "all") -> Tensor:
+        """Run every tree node once; returns logits [B, N, V] ("all") or [B, V] of each tree's last real node.
+
+        Node keys/values are written after each slot's committed tokens; call `cache.commit`
+        with the accepted path to keep them. Nothing is committed here.
+        """
+        slots = torch.as_tensor(slots, dtype=torch.long)
+        b, n = tree.tokens.shape
+        cache.check_room(slots, n)
+        lens = cache.lens[slots]                                          # [B]
+        anc = tree.ancestors()                                            # [B, N, N]
+        depths = anc.sum(-1) - 1                                          # [B, N]
+        positions = lens[:, None] + depths                                # [B, N]
+        write_pos = lens[:, None] + torch.arange(n)                       # [B, N]
+        num_keys = int(lens.max()) + n  # host sync: sizes the key window
+        mask = attention_mask(anc, depths, lens, num_keys, self.cfg.sliding_window)
+        if b == 1 and n == 1 and self.cfg.sliding_window is None:
+            mask = None                                                   # one query sees every key
+        cos, sin = self.rotary(positions, self.dtype)
+
+        x = self.embed(tree.tokens)                                       # [B, N, D]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, write_pos, num_keys, mask)
+        if logits_for == "last":
+            x = x[torch.arange(b), tree.num_nodes - 1]                    # [B, D]
+        return self.lm_head(self.norm(x)).float()

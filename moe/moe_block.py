@@ -1,0 +1,102 @@
+"""Sparse mixture-of-experts feed-forward blocks (Mixtral, Qwen2-MoE, OLMoE).
+
+T tokens, E experts, A active experts per token (top-k), D hidden, I expert width.
+
+The block is composed of a router and a set of experts. `forward_reference` loops over every
+expert with per-token weights, the plainest reading of the models' definitions; `forward` only
+visits the experts some token picked. Both are kept and tested equal.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe.config import ModelConfig
+from moe.layers import GatedMLP
+
+
+class Router(nn.Module):
+    """Softmax over expert logits (in fp32), top-k, optional renormalisation of the k weights."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, renormalize: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.top_k = top_k
+        self.renormalize = renormalize
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [T, D] -> (weights [T, A] fp32, experts [T, A] int64)."""
+        logits = F.linear(x.float(), self.weight.float())        # [T, E]
+        probs = logits.softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)         # [T, A]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts
+
+
+class StackedExperts(nn.Module):
+    """E SwiGLU experts whose weights are stacked, so one expert is an index, not a module."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.inner = inner
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))  # [E, 2I, D]
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, inner))         # [E, D, I]
+
+    def run(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on tokens x [t, D] -> [t, D]."""
+        gate, up = F.linear(x, self.gate_up[e]).split(self.inner, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[e])
+
+
+class MoEBlock(nn.Module):
+    """Router + experts (+ Qwen2-MoE's sigmoid-gated shared expert)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
+        self.experts = StackedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.last_routing: Tensor | None = None  # [T, A] experts of the last call, for routing statistics
+
+    def _shared(self, x: Tensor) -> Tensor | float:
+        if self.shared is None:
+            return 0.0
+        return torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, N, D] -> [B, N, D], visiting only the experts some token selected."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])                                   # [T, D]
+        weights, experts = self.router(flat)                              # [T, A]
+        self.last_routing = experts
+        out = torch.zeros_like(flat)
+        order = experts.flatten().argsort(stable=True)                    # routes grouped by expert
+        counts = torch.bincount(experts.flatten(), minlength=self.router.weight.shape[0])
+        token_of_route = order // experts.shape[1]
+        route_weights = weights.flatten()[order]
+        start = 0
+        for e, count in enumerate(counts.tolist()):  # host sync: the loop needs the group sizes
+            if count == 0:
+                continue
+            tokens = token_of_route[start:start + count]
+            y = self.experts.run(e, flat[tokens]) * route_weights[start:start + count, None].to(flat.dtype)
+            out.index_add_(0, tokens, y)
+            start += count
+        return (out + self._shared(flat)).reshape(shape)
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        """The slow, obvious version: every expert on every token, weighted by a dense [T, E] map."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, experts = self.router(flat)
+        dense = torch.zeros(flat.shape[0], self.router.weight.shape[0])   # [T, E]
+        dense.scatter_(1, experts, weights)
+        out = torch.zeros_like(flat)
+        for e in range(dense.shape[1]):
+            out += self.experts.run(e, flat) * dense[:, e:e + 1].to(flat.dtype)
+        return (out + self._shared(flat)).reshape(shape)
