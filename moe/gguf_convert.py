@@ -36,7 +36,7 @@ def _check_gguf(path: Path) -> None:
 
 def convert_gguf(path: Path, out_dir: Path) -> Path:
     """Convert `path` into `out_dir` (created atomically). Returns `out_dir`."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = path.resolve()
@@ -53,10 +53,14 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
         cfg.pop("quantization_config", None)  # weights are dequantized: the folder is a plain checkpoint
         cfg.pop("_model_name_or_path", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding/head
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if cfg.get("tie_word_embeddings"):
+            tensors.pop("lm_head.weight", None)  # the head is the embedding; store it once
+        save_file(tensors, str(tmp / "model.safetensors"))
         tok.save_pretrained(str(tmp))
         st = path.stat()
         (tmp / MARKER).write_text(json.dumps({"gguf": str(path), "size": st.st_size, "mtime": st.st_mtime}))
+        tmp.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

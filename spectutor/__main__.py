@@ -1,0 +1,5 @@
+import sys
+
+from spectutor.cli import main
+
+sys.exit(main())

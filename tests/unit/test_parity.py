@@ -1,0 +1,78 @@
+"""The lean decoder against Hugging Face transformers on the same checkpoint (fp32, <= 1e-4)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe.loader import DEFAULT_MODEL, load_model
+from moe.tree import TreeBatch
+from tests.conftest import MOE_MODELS, TINY_MODELS
+
+TOL = 1e-4
+
+
+def lean_logits(model, ids: list[list[int]]) -> torch.Tensor:
+    """Prefill a batch of prompts (different lengths) through one tree forward; [B, N, V]."""
+    cache = model.new_cache(len(ids), max(len(x) for x in ids) + 4)
+    slots = [cache.allocate() for _ in ids]
+    return model(TreeBatch.chains(ids), slots, cache)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_prefill_matches_transformers(name, tiny_model, hf_reference):
+    folder = tiny_model(name)
+    lean = load_model(str(folder), with_tokenizer=False).model
+    hf = hf_reference(folder)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (40, 17, 33)]
+    out = lean_logits(lean, prompts)
+    for b, p in enumerate(prompts):
+        ref = hf(torch.tensor([p])).logits[0]
+        assert ref.abs().max() > 1.0, "logits too flat to make the comparison meaningful"
+        torch.testing.assert_close(out[b, : len(p)], ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_deepspeed_moe_matches_transformers(name, tiny_model, hf_reference):
+    folder = tiny_model(name)
+    lean = load_model(str(folder), with_tokenizer=False, moe_backend="deepspeed").model
+    from moe.ds_moe import DeepSpeedMoEBlock
+
+    assert any(isinstance(m, DeepSpeedMoEBlock) for m in lean.modules())
+    hf = hf_reference(folder)
+    prompt = torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    out = lean_logits(lean, [prompt])[0]
+    torch.testing.assert_close(out, hf(torch.tensor([prompt])).logits[0], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_moe_fast_path_equals_reference_loop(name, tiny_model):
+    lean = load_model(str(tiny_model(name)), with_tokenizer=False).model
+    from moe.moe_block import MoEBlock
+
+    blocks = [m for m in lean.modules() if isinstance(m, MoEBlock)]
+    assert blocks
+    x = torch.randn(3, 21, lean.cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    for block in blocks:
+        torch.testing.assert_close(block(x), block.forward_reference(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers_on_three_prompts():
+    """The default model, converted from its GGUF, on 3 real prompts x 64 positions."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_model(DEFAULT_MODEL)
+    hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=torch.float32).eval()
+    texts = [
+        "Explain why the sky is blue to a ten year old, in a few short sentences, and then give one example.",
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, computed iteratively.\"\"\"\n",
+        "Write a polite email to a colleague asking to move our Thursday meeting to Friday afternoon.",
+    ]
+    ids = [loaded.tokenizer.encode(t) for t in texts]
+    ids = [(x * 8)[:64] for x in ids]  # exactly 64 positions each
+    out = lean_logits(loaded.model, ids)
+    with torch.inference_mode():
+        ref = hf(torch.tensor(ids)).logits
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
