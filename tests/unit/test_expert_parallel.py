@@ -1,0 +1,59 @@
+"""Two processes with ep_size=2 give the same logits as one process holding every expert."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moe.loader import load_model
+from moe.tree import TreeBatch
+
+PROMPTS = {0: list(range(3, 40)), 1: [7, 1, 200, 45, 45, 9, 18, 250, 3, 11, 2]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _decode(model, prompt: list[int]) -> torch.Tensor:
+    """Prefill, then one 6-node tree: logits of every position [len(prompt) + 6, V]."""
+    cache = model.new_cache(1, 64)
+    slot = cache.allocate()
+    first = model(TreeBatch.chains([prompt]), [slot], cache)[0]
+    cache.commit([slot], [list(range(len(prompt)))])
+    tree = TreeBatch.from_lists([[5, 9, 12, 5, 77, 3]], [[-1, 0, 0, 1, -1, 4]])
+    return torch.cat([first, model(tree, [slot], cache)[0]])
+
+
+def _worker(rank: int, folder: str, port: int, out_dir: str) -> None:
+    from moe.expert_parallel import init_process_group, load_expert_parallel
+
+    torch.set_num_threads(1)
+    init_process_group(rank, 2, port, backend="gloo")
+    loaded = load_expert_parallel(folder, ep_size=2)
+    blocks = [m for m in loaded.model.modules() if type(m).__name__ == "DeepSpeedMoEBlock"]
+    assert blocks and all(b.moe.num_local_experts == loaded.config.num_experts // 2 for b in blocks)
+    torch.save(_decode(loaded.model, PROMPTS[rank]), f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_two_ranks_match_one_process(name, tiny_model, tmp_path):
+    folder = str(tiny_model(name))
+    mp.start_processes(_worker, args=(folder, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    # Same DeepSpeed MoE layer with every expert local, so only the expert placement differs.
+    single = load_model(folder, with_tokenizer=False, moe_backend="deepspeed").model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: matmul blocking differs with the thread count
+    try:
+        for rank, prompt in PROMPTS.items():
+            got = torch.load(tmp_path / f"rank{rank}.pt")
+            torch.testing.assert_close(got, _decode(single, prompt), atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
