@@ -145,7 +145,7 @@ svc_prepare() {
 svc_command() {
     # shellcheck disable=SC2206 # HEAP_OPTS is a list of JVM flags on purpose.
     SVC_CMD=(java $HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
-        -Dlog4j2.configurationFile="$LOG4J" -Dkafka.logs.dir="$LOG_DIR"
+        -Dlog4j2.configurationFile="$LOG4J"
         -cp "$LIBS/*" kafka.Kafka "$PROPS")
 }
 
@@ -153,7 +153,13 @@ svc_command() {
 # socket opens before the broker has registered with its controller.
 svc_ready() {
     port_open "$SVC_PORT" || return 1
-    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import kafka' 2>/dev/null; then
+    if [[ -z "${HAVE_KAFKA_PYTHON:-}" ]]; then # decided once per start, not once per poll
+        HAVE_KAFKA_PYTHON=no
+        if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import kafka' 2>/dev/null; then
+            HAVE_KAFKA_PYTHON=yes
+        fi
+    fi
+    if [[ "$HAVE_KAFKA_PYTHON" == yes ]]; then
         "$VENV/bin/python" - "$SPECTUTOR_KAFKA_BOOTSTRAP" <<'EOF' >/dev/null 2>&1
 import sys
 from kafka import KafkaAdminClient

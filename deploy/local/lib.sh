@@ -162,7 +162,7 @@ svc_start() {
     # The child records its own pid and then execs the server, so the pid file names the server
     # itself (not a wrapper) and the server leads its own session and process group.
     # shellcheck disable=SC2016 # $$ and $@ belong to the child shell.
-    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "${SVC_CMD[@]}" </dev/null >>"$log" 2>&1 &
+    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "${SVC_CMD[@]}" </dev/null >>"$log" 2>&1 9>&- &
     for _ in $(seq 50); do [[ -s "$pidfile" ]] && break; sleep 0.1; done
     pid="$(<"$pidfile")" || die "server did not record its pid"
 
@@ -185,7 +185,17 @@ svc_start() {
     say "started (pid $pid) on 127.0.0.1:$SVC_PORT in $(elapsed "$t0"); log: $log"
 }
 
+# Two starts at once (parallel test jobs, a developer and `make test`) would both see "stopped"
+# and launch twice; one lock per service serialises start/stop. fd 9 is closed for the server.
+svc_lock() {
+    exec 9>"$RUN_DIR/$SVC.lock"
+    flock -w $((READY_TIMEOUT + STOP_TIMEOUT + 60)) 9 || die "timed out waiting for $RUN_DIR/$SVC.lock"
+}
+
 svc_main() {
+    case "${1:-}" in
+        start | stop | restart) svc_lock ;;
+    esac
     case "${1:-}" in
         start) svc_start ;;
         stop) svc_stop ;;
