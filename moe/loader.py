@@ -185,8 +185,12 @@ def load_tokenizer(folder: Path) -> Any:
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max_len: int | None = None,
                moe_backend: MoEBackend = "local", ep_size: int = 1, ep_rank: int = 0,
-               with_tokenizer: bool = True) -> LoadedModel:
-    """Resolve `spec`, build the lean decoder and load its weights (and tokenizer)."""
+               with_tokenizer: bool = True, fast_kernels: bool = True) -> LoadedModel:
+    """Resolve `spec`, build the lean decoder and load its weights (and tokenizer).
+
+    `fast_kernels` packs fp32 linear weights for oneDNN on CPU (see moe/cpu_kernels.py);
+    False keeps torch's default kernels, the same ones Hugging Face models run.
+    """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     folder = resolve_model(spec)
     cfg, _ = read_config(folder)
@@ -203,6 +207,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max
         model.lm_head.weight = model.embed.weight
     model.rotary = type(model.rotary)(cfg, model.max_len)  # buffers were built on meta
     model.to(torch_dtype).eval()
+    if fast_kernels and torch_dtype == torch.float32:
+        from moe.cpu_kernels import pack_linears
+
+        pack_linears(model)
     tok = load_tokenizer(folder) if with_tokenizer else None
     return LoadedModel(name=spec, folder=folder, config=cfg, model=model, tokenizer=tok)
 

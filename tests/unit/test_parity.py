@@ -9,6 +9,7 @@ from moe.tree import TreeBatch
 from tests.conftest import MOE_MODELS, TINY_MODELS
 
 TOL = 1e-4
+FAST_TOL = 1e-3
 
 
 def lean_logits(model, ids: list[list[int]]) -> torch.Tensor:
@@ -18,10 +19,11 @@ def lean_logits(model, ids: list[list[int]]) -> torch.Tensor:
     return model(TreeBatch.chains(ids), slots, cache)
 
 
+@pytest.mark.parametrize("fast_kernels", [False, True])
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
-def test_prefill_matches_transformers(name, tiny_model, hf_reference):
+def test_prefill_matches_transformers(name, fast_kernels, tiny_model, hf_reference):
     folder = tiny_model(name)
-    lean = load_model(str(folder), with_tokenizer=False).model
+    lean = load_model(str(folder), with_tokenizer=False, fast_kernels=fast_kernels).model
     hf = hf_reference(folder)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (40, 17, 33)]
@@ -58,11 +60,17 @@ def test_moe_fast_path_equals_reference_loop(name, tiny_model):
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers_on_three_prompts():
-    """The default model, converted from its GGUF, on 3 real prompts x 64 positions."""
+@pytest.mark.parametrize("fast_kernels,tol", [(False, TOL), (True, FAST_TOL)])
+def test_smollm2_matches_transformers_on_three_prompts(fast_kernels, tol):
+    """The default model, converted from its GGUF, on 3 real prompts x 64 positions.
+
+    With torch's default kernels (those transformers runs) the bound is 1e-4. oneDNN's packed
+    kernels sum in another order; over 30 layers that moves logits of magnitude ~20 by ~1e-4,
+    so they get their own bound, and the argmax must still agree everywhere.
+    """
     from transformers import AutoModelForCausalLM
 
-    loaded = load_model(DEFAULT_MODEL)
+    loaded = load_model(DEFAULT_MODEL, fast_kernels=fast_kernels)
     hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=torch.float32).eval()
     texts = [
         "Explain why the sky is blue to a ten year old, in a few short sentences, and then give one example.",
@@ -74,5 +82,5 @@ def test_smollm2_matches_transformers_on_three_prompts():
     out = lean_logits(loaded.model, ids)
     with torch.inference_mode():
         ref = hf(torch.tensor(ids)).logits
-    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=0)
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
