@@ -24,6 +24,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -95,13 +97,14 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         if self.clip is not None:
             qkv = qkv.clamp(-self.clip, self.clip)
-        q, k, v = qkv.split([self.h * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, n, self.h, self.hd).transpose(1, 2)        # [B, H, N, hd]
-        k = k.view(b, n, self.hkv, self.hd).transpose(1, 2)      # [B, Hkv, N, hd]
-        v = v.view(b, n, self.hkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = qkv.split([self.h * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        qkv = qkv.view(b, n, self.h + 2 * self.hkv, self.hd).transpose(1, 2)   # [B, H+2Hkv, N, hd]
+        # Rotate q and k heads together: half the elementwise kernels of rotating them apart.
+        qk = apply_rope(qkv[:, : self.h + self.hkv], cos, sin)
+        q, k = qk.split([self.h, self.hkv], dim=1)              # [B, H, N, hd], [B, Hkv, N, hd]
+        v = qkv[:, self.h + self.hkv:]                          # [B, Hkv, N, hd]
 
         if b == 1:
             # One sequence: write and read its slot through views, no gather copies.

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -109,20 +109,23 @@ def _strip(name: str) -> str:
     return name.removeprefix("model.")
 
 
-def convert_state_dict(cfg: ModelConfig, hf: Mapping[str, Tensor], model: LeanDecoder) -> dict[str, Tensor]:
-    """Hugging Face tensor names and layouts -> the lean decoder's (fused qkv, fused gate/up, stacked experts)."""
+def convert_state_dict(cfg: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face tensor names and layouts -> the lean decoder's (fused qkv, fused gate/up, stacked experts).
+
+    Consumes `hf`: each source tensor is dropped once copied into a fused one, which keeps the
+    peak memory of a load near one copy of the weights.
+    """
     t = {_strip(k): v for k, v in hf.items()}
+    hf.clear()
 
     def take(key: str) -> Tensor:
         if key not in t:
             raise CorruptModelError(f"checkpoint is missing tensor {key!r}")
-        return t[key]
+        return t.pop(key) if key != "embed_tokens.weight" else t[key]
 
     sd: dict[str, Tensor] = {"embed.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
     if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = t.get("lm_head.weight", hf.get("lm_head.weight"))
-        if sd["lm_head.weight"] is None:
-            raise CorruptModelError("checkpoint is missing tensor 'lm_head.weight'")
+        sd["lm_head.weight"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
         p, q = f"layers.{i}.", f"layers.{i}."
         sd[q + "input_norm.weight"] = take(p + "input_layernorm.weight")
@@ -184,19 +187,23 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max_len: int | None = None,
-               moe_backend: MoEBackend = "local", ep_size: int = 1, ep_rank: int = 0,
+               moe_backend: MoEBackend | Literal["auto"] = "auto", ep_size: int = 1, ep_rank: int = 0,
                with_tokenizer: bool = True, fast_kernels: bool = True) -> LoadedModel:
     """Resolve `spec`, build the lean decoder and load its weights (and tokenizer).
 
     `fast_kernels` packs fp32 linear weights for oneDNN on CPU (see moe/cpu_kernels.py);
     False keeps torch's default kernels, the same ones Hugging Face models run.
+    `moe_backend="auto"` runs MoE blocks through DeepSpeed's MoE layer when deepspeed is
+    installed, and through the local implementation otherwise.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     folder = resolve_model(spec)
     cfg, _ = read_config(folder)
+    if moe_backend == "auto":
+        moe_backend = "deepspeed" if cfg.is_moe and importlib.util.find_spec("deepspeed") else "local"
     with torch.device("meta"):
         model = LeanDecoder(cfg, max_len=max_len, moe_backend=moe_backend, ep_size=ep_size)
-    sd = convert_state_dict(cfg, read_weights(folder), model)
+    sd = convert_state_dict(cfg, read_weights(folder))
     if moe_backend == "deepspeed":
         from moe.ds_moe import adapt_state_dict
 

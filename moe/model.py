@@ -85,14 +85,15 @@ class LeanDecoder(nn.Module):
         b, n = tree.tokens.shape
         cache.check_room(slots, n)
         lens = cache.lens[slots]                                          # [B]
-        anc = tree.ancestors()                                            # [B, N, N]
-        depths = anc.sum(-1) - 1                                          # [B, N]
-        positions = lens[:, None] + depths                                # [B, N]
         write_pos = lens[:, None] + torch.arange(n)                       # [B, N]
         num_keys = int(lens.max()) + n  # host sync: sizes the key window
-        mask = attention_mask(anc, depths, lens, num_keys, self.cfg.sliding_window)
         if b == 1 and n == 1 and self.cfg.sliding_window is None:
-            mask = None                                                   # one query sees every key
+            positions, mask = write_pos, None                             # plain decode: one query sees every key
+        else:
+            anc = tree.ancestors()                                        # [B, N, N]
+            depths = anc.sum(-1) - 1                                      # [B, N]
+            positions = lens[:, None] + depths                            # [B, N]
+            mask = attention_mask(anc, depths, lens, num_keys, self.cfg.sliding_window)
         cos, sin = self.rotary(positions, self.dtype)
 
         x = self.embed(tree.tokens)                                       # [B, N, D]

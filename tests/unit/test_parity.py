@@ -34,13 +34,16 @@ def test_prefill_matches_transformers(name, fast_kernels, tiny_model, hf_referen
         torch.testing.assert_close(out[b, : len(p)], ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["deepspeed", "local"])
 @pytest.mark.parametrize("name", MOE_MODELS)
-def test_deepspeed_moe_matches_transformers(name, tiny_model, hf_reference):
+def test_both_moe_backends_match_transformers(name, backend, tiny_model, hf_reference):
     folder = tiny_model(name)
-    lean = load_model(str(folder), with_tokenizer=False, moe_backend="deepspeed").model
+    lean = load_model(str(folder), with_tokenizer=False, moe_backend=backend).model
     from moe.ds_moe import DeepSpeedMoEBlock
+    from moe.moe_block import MoEBlock
 
-    assert any(isinstance(m, DeepSpeedMoEBlock) for m in lean.modules())
+    block_type = DeepSpeedMoEBlock if backend == "deepspeed" else MoEBlock
+    assert sum(isinstance(m, block_type) for m in lean.modules()) == len(lean.cfg.sparse_layers)
     hf = hf_reference(folder)
     prompt = torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(2)).tolist()
     out = lean_logits(lean, [prompt])[0]
@@ -49,7 +52,7 @@ def test_deepspeed_moe_matches_transformers(name, tiny_model, hf_reference):
 
 @pytest.mark.parametrize("name", MOE_MODELS)
 def test_moe_fast_path_equals_reference_loop(name, tiny_model):
-    lean = load_model(str(tiny_model(name)), with_tokenizer=False).model
+    lean = load_model(str(tiny_model(name)), with_tokenizer=False, moe_backend="local").model
     from moe.moe_block import MoEBlock
 
     blocks = [m for m in lean.modules() if isinstance(m, MoEBlock)]
