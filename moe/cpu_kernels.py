@@ -4,7 +4,7 @@ On the machines measured (bench/decode.py), MKL's fp32 matrix-vector path reache
 memory bandwidth and gets *slower* going from 1 to 2 rows, which is exactly the shape of a
 speculative verification step. oneDNN with a prepacked weight runs the same products 1.5-3x faster.
 bf16 already goes through oneDNN, so only fp32 weights are packed. Results differ from MKL's only
-in summation order (about 1e-6 relative).
+in summation order (about 1e-6 relative). Packing is for inference: the target never trains.
 """
 from __future__ import annotations
 
@@ -19,38 +19,42 @@ def packing_available() -> bool:
 class PackedLinear(nn.Module):
     """An nn.Linear whose forward reads a oneDNN-packed copy of the weight.
 
-    The original Parameter is kept (same name, so state dicts and tied weights are unchanged);
-    call `repack()` after changing it in place.
+    Unless the weight is shared with another module (a tied embedding), the dense copy is
+    dropped after packing so the weights are held once; `weight` then returns a dense copy.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, keep_dense: bool):
         super().__init__()
-        self.weight = linear.weight
-        self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.repack()
+        self.bias = linear.bias
+        self._packed = linear.weight.detach().to_mkldnn()
+        self._dense = linear.weight if keep_dense else None
 
-    def repack(self) -> None:
-        self._packed = self.weight.detach().to_mkldnn()
+    @property
+    def weight(self) -> Tensor:
+        return self._dense if self._dense is not None else self._packed.to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or torch.is_grad_enabled():
-            return nn.functional.linear(x, self.weight, self.bias)
+        if x.dtype != torch.float32:
+            return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
 def pack_linears(model: nn.Module, min_out_features: int = 8) -> int:
     """Swap every fp32 CPU nn.Linear of `model` for a PackedLinear; returns how many were swapped.
 
-    Tiny projections (a 1-wide shared-expert gate) gain nothing and are left alone.
+    Inference only: packed weights take no gradients. Tiny projections (a 1-wide shared-expert
+    gate) gain nothing and are left alone.
     """
     if not packing_available():
         return 0
+    # Parameters also held by a module that is not a Linear (a tied embedding) stay dense.
+    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (type(child) is nn.Linear and child.weight.dtype == torch.float32
                     and child.weight.device.type == "cpu" and child.out_features >= min_out_features):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, keep_dense=id(child.weight) in shared))
                 swapped += 1
     return swapped
