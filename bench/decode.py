@@ -100,6 +100,15 @@ def bench_tree_cost(model, repeats: int) -> dict:
     return out
 
 
+def weights_mb(model: torch.nn.Module) -> float:
+    """Bytes of weights the model holds, counting oneDNN-packed linears that dropped their dense copy."""
+    from moe.cpu_kernels import PackedLinear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(m._packed.numel() * 4 for m in model.modules() if isinstance(m, PackedLinear) and m._dense is None)
+    return total / 2**20
+
+
 def peak_rss_mb(model_spec: str, dtype: str) -> float:
     """Peak RSS of a fresh process that loads the model and decodes 16 tokens."""
     code = (
@@ -157,7 +166,7 @@ def main() -> int:
         "tree_forward_ms": bench_tree_cost(loaded.model, args.repeats),
         "memory": {"peak_rss_mb": peak_rss_mb(args.model, args.dtype),
                    "kv_bytes_per_token_per_slot": loaded.model.new_cache(1, 1).bytes_per_token(),
-                   "weights_mb": sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20},
+                   "weights_mb": weights_mb(loaded.model)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"decode-{args.tag}-{args.dtype}"

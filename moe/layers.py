@@ -6,6 +6,7 @@ Hkv key/value heads, hd head dim, I MLP width.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +91,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(kv, cfg.rms_eps) if cfg.qk_norm else None
         self.clip = cfg.clip_qkv
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                slots: Tensor, write_pos: Tensor, num_keys: int, mask: Tensor | None) -> Tensor:
-        """x [B, N, D]; k_cache/v_cache [S, Hkv, T, hd] of this layer; write_pos [B, N] positions."""
+    def forward(self, x: Tensor, layout: StepLayout, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """x [B, N, D]; k_cache/v_cache [S, Hkv, T, hd] of this layer."""
         b, n, _ = x.shape
         qkv = self.qkv(x)
         if self.clip is not None:
@@ -102,24 +102,38 @@ class Attention(nn.Module):
             qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
         qkv = qkv.view(b, n, self.h + 2 * self.hkv, self.hd).transpose(1, 2)   # [B, H+2Hkv, N, hd]
         # Rotate q and k heads together: half the elementwise kernels of rotating them apart.
-        qk = apply_rope(qkv[:, : self.h + self.hkv], cos, sin)
+        qk = apply_rope(qkv[:, : self.h + self.hkv], layout.cos, layout.sin)
         q, k = qk.split([self.h, self.hkv], dim=1)              # [B, H, N, hd], [B, Hkv, N, hd]
         v = qkv[:, self.h + self.hkv:]                          # [B, Hkv, N, hd]
 
-        if b == 1:
+        lk = layout.num_keys
+        if layout.single is not None:
             # One sequence: write and read its slot through views, no gather copies.
-            s = int(slots[0])  # host sync: slots live on the host
-            start = int(write_pos[0, 0])
+            s, start = layout.single
             k_cache[s, :, start:start + n] = k[0]
             v_cache[s, :, start:start + n] = v[0]
-            keys, values = k_cache[s:s + 1, :, :num_keys], v_cache[s:s + 1, :, :num_keys]
+            keys, values = k_cache[s:s + 1, :, :lk], v_cache[s:s + 1, :, :lk]
         else:
-            k_cache[slots[:, None], :, write_pos] = k.transpose(1, 2)   # [B, N, Hkv, hd]
-            v_cache[slots[:, None], :, write_pos] = v.transpose(1, 2)
-            keys, values = k_cache[slots, :, :num_keys], v_cache[slots, :, :num_keys]  # [B, Hkv, Lk, hd]
+            slots, pos = layout.slots, layout.write_pos
+            k_cache[slots[:, None], :, pos] = k.transpose(1, 2)   # [B, N, Hkv, hd]
+            v_cache[slots[:, None], :, pos] = v.transpose(1, 2)
+            keys, values = k_cache[slots, :, :lk], v_cache[slots, :, :lk]  # [B, Hkv, Lk, hd]
 
-        out = grouped_attention(q, keys, values, mask)                  # [B, H, N, hd]
+        out = grouped_attention(q, keys, values, layout.mask)            # [B, H, N, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.h * self.hd))
+
+
+@dataclass
+class StepLayout:
+    """Where one forward's tree nodes sit: computed once per forward, shared by every layer."""
+
+    slots: Tensor               # [B] cache slot of each sequence
+    write_pos: Tensor           # [B, N] cache position of each node (after the committed tokens)
+    num_keys: int               # Lk: keys each query may look at (longest context + N)
+    mask: Tensor | None         # [B, 1, N, Lk] bool, None when every query sees every key
+    cos: Tensor                 # [B, 1, N, hd] rotary tables at each node's position
+    sin: Tensor
+    single: tuple[int, int] | None  # (slot, first write position) when B == 1
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -136,7 +150,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
     if mask is not None:
         scores = scores.view(b, hkv, h // hkv, n, -1).masked_fill(~mask[:, :, None], float("-inf"))
         scores = scores.view(b, hkv, (h // hkv) * n, -1)
-    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    probs = scores.softmax(dim=-1) if scores.dtype == torch.float32 else scores.float().softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(b, h, n, hd)
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from moe.config import ModelConfig
 from moe.kv_cache import KVCache
-from moe.layers import Attention, GatedMLP, RMSNorm, Rotary
+from moe.layers import Attention, GatedMLP, RMSNorm, Rotary, StepLayout
 from moe.moe_block import MoEBlock
 from moe.tree import TreeBatch, attention_mask
 
@@ -26,9 +26,8 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = mlp
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                slots: Tensor, write_pos: Tensor, num_keys: int, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, slots, write_pos, num_keys, mask)
+    def forward(self, x: Tensor, layout: StepLayout, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        x = x + self.attn(self.input_norm(x), layout, k_cache, v_cache)
         return x + self.mlp(self.post_norm(x))
 
 
@@ -95,10 +94,12 @@ class LeanDecoder(nn.Module):
             positions = lens[:, None] + depths                            # [B, N]
             mask = attention_mask(anc, depths, lens, num_keys, self.cfg.sliding_window)
         cos, sin = self.rotary(positions, self.dtype)
+        single = (int(slots[0]), int(lens[0])) if b == 1 else None  # host sync: view offsets
+        layout = StepLayout(slots, write_pos, num_keys, mask, cos, sin, single)
 
         x = self.embed(tree.tokens)                                       # [B, N, D]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, write_pos, num_keys, mask)
+            x = layer(x, layout, cache.k[i], cache.v[i])
         if logits_for == "last":
             x = x[torch.arange(b), tree.num_nodes - 1]                    # [B, D]
         return self.lm_head(self.norm(x)).float()
