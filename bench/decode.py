@@ -54,12 +54,13 @@ def chat_ids(tok, text: str, limit: int = 512) -> list[int]:
 def bench_tokens_per_s(loaded, prompts: list[list[int]], new_tokens: int, dtype: torch.dtype) -> dict:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=dtype).eval()
+    device = loaded.model.embed.weight.device
+    hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=dtype).to(device).eval()
     params = SamplingParams(max_new_tokens=new_tokens)
     # Warm both paths (allocator, oneDNN kernels) before timing anything.
     generate(loaded.model, prompts[0][:32], SamplingParams(max_new_tokens=8))
     with torch.inference_mode():
-        hf.generate(torch.tensor([prompts[0][:32]]), max_new_tokens=8, do_sample=False)
+        hf.generate(torch.tensor([prompts[0][:32]], device=device), max_new_tokens=8, do_sample=False)
     lean_s, hf_s, same = [], [], 0
     for ids in tqdm(prompts, desc="greedy decode (lean vs HF)"):
         t = time.perf_counter()
@@ -67,7 +68,7 @@ def bench_tokens_per_s(loaded, prompts: list[list[int]], new_tokens: int, dtype:
         lean_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         with torch.inference_mode():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            ref = hf.generate(torch.tensor([ids], device=device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         hf_s.append(time.perf_counter() - t)
         same += ours == ref
@@ -92,8 +93,10 @@ def bench_tree_cost(model, repeats: int) -> dict:
             model(tree, [slot], cache)  # warm-up; nothing is committed, so the context stays ctx
             times = []
             for _ in range(repeats):
+                _sync()
                 t = time.perf_counter()
                 model(tree, [slot], cache)
+                _sync()
                 times.append(time.perf_counter() - t)
             row[str(n)] = statistics.median(times) * 1000
         out[str(ctx)] = row
@@ -107,6 +110,11 @@ def weights_mb(model: torch.nn.Module) -> float:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(m._packed.numel() * 4 for m in model.modules() if isinstance(m, PackedLinear) and m._dense is None)
     return total / 2**20
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def peak_rss_mb(model_spec: str, dtype: str) -> float:
@@ -154,22 +162,26 @@ def main() -> int:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--tag", default=None, help="name in the output files (default: the device type)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    tag = args.tag or torch.device(args.device).type
     prompts = [chat_ids(loaded.tokenizer, p.text) for p in islice(sharegpt_prompts("heldout"), args.prompts)]
     result = {
-        "model": args.model, "dtype": args.dtype, "threads": args.threads, "machine": machine(),
+        "model": args.model, "dtype": args.dtype, "threads": args.threads, "device": args.device,
+        "machine": machine(),
         "greedy": bench_tokens_per_s(loaded, prompts, args.new_tokens, loaded.model.dtype),
         "tree_forward_ms": bench_tree_cost(loaded.model, args.repeats),
         "memory": {"peak_rss_mb": peak_rss_mb(args.model, args.dtype),
+                   "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                    "kv_bytes_per_token_per_slot": loaded.model.new_cache(1, 1).bytes_per_token(),
                    "weights_mb": weights_mb(loaded.model)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"decode-{args.tag}-{args.dtype}"
+    stem = args.out / f"decode-{tag}-{args.dtype}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     g = result["greedy"]

@@ -65,7 +65,8 @@ def next_token(logits: Tensor, params: SamplingParams, generator: torch.Generato
     """One token from [V] logits."""
     if params.greedy:
         return int(logits.argmax())  # host sync: the token feeds the next step
-    return int(torch.multinomial(probs_from_logits(logits, params), 1, generator=generator))
+    # Sampling runs on the host with the request's CPU generator, wherever the logits were made.
+    return int(torch.multinomial(probs_from_logits(logits.cpu(), params), 1, generator=generator))
 
 
 def decode_stream(model: LeanDecoder, prompt: list[int], params: SamplingParams,

@@ -65,7 +65,7 @@ class KVCache:
                 continue
             base = int(self.lens[slot])
             if path != list(range(len(path))):  # a chain prefix is already in place
-                src = torch.tensor(path, dtype=torch.long) + base
+                src = torch.tensor(path, dtype=torch.long, device=self.k.device) + base
                 dst = slice(base, base + len(path))
                 self.k[:, slot, :, dst] = self.k[:, slot, :, src]
                 self.v[:, slot, :, dst] = self.v[:, slot, :, src]

@@ -188,11 +188,12 @@ def load_tokenizer(folder: Path) -> Any:
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max_len: int | None = None,
                moe_backend: MoEBackend | Literal["auto"] = "auto", ep_size: int = 1, ep_rank: int = 0,
-               with_tokenizer: bool = True, fast_kernels: bool = True) -> LoadedModel:
+               with_tokenizer: bool = True, fast_kernels: bool = True, device: str = "cpu") -> LoadedModel:
     """Resolve `spec`, build the lean decoder and load its weights (and tokenizer).
 
     `fast_kernels` packs fp32 linear weights for oneDNN on CPU (see moe/cpu_kernels.py);
     False keeps torch's default kernels, the same ones Hugging Face models run.
+    `device` is where weights and KV caches live ("cpu", "cuda", "cuda:1", ...).
     `moe_backend="auto"` runs MoE blocks through DeepSpeed's MoE layer when deepspeed is
     installed, and through the local implementation otherwise.
     """
@@ -213,8 +214,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.rotary = type(model.rotary)(cfg, model.max_len)  # buffers were built on meta
-    model.to(torch_dtype).eval()
-    if fast_kernels and torch_dtype == torch.float32:
+    model.to(device=device, dtype=torch_dtype).eval()
+    if fast_kernels and torch_dtype == torch.float32 and model.embed.weight.device.type == "cpu":
         from moe.cpu_kernels import pack_linears
 
         pack_linears(model)

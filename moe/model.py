@@ -93,13 +93,16 @@ class LeanDecoder(nn.Module):
             depths = anc.sum(-1) - 1                                      # [B, N]
             positions = lens[:, None] + depths                            # [B, N]
             mask = attention_mask(anc, depths, lens, num_keys, self.cfg.sliding_window)
-        cos, sin = self.rotary(positions, self.dtype)
+        # The tree's layout is built on the host; the model may live on an accelerator.
+        dev = self.embed.weight.device
+        cos, sin = self.rotary(positions.to(dev), self.dtype)
         single = (int(slots[0]), int(lens[0])) if b == 1 else None  # host sync: view offsets
-        layout = StepLayout(slots, write_pos, num_keys, mask, cos, sin, single)
+        layout = StepLayout(slots.to(dev), write_pos.to(dev), num_keys, None if mask is None else mask.to(dev),
+                            cos, sin, single)
 
-        x = self.embed(tree.tokens)                                       # [B, N, D]
+        x = self.embed(tree.tokens.to(dev))                               # [B, N, D]
         for i, layer in enumerate(self.layers):
             x = layer(x, layout, cache.k[i], cache.v[i])
         if logits_for == "last":
-            x = x[torch.arange(b), tree.num_nodes - 1]                    # [B, D]
+            x = x[torch.arange(b, device=dev), (tree.num_nodes - 1).to(dev)]  # [B, D]
         return self.lm_head(self.norm(x)).float()
