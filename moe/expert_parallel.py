@@ -31,3 +31,44 @@ def load_expert_parallel(spec: str, ep_size: int, dtype: str = "fp32", max_len: 
                         ep_rank=dist.get_rank() % ep_size, with_tokenizer=False)
     init_expert_parallel(loaded.model)
     return loaded
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _generate_worker(rank: int, ep_size: int, port: int, spec: str, prompt: list[int], params, dtype: str,
+                     eos_ids: set[int], results) -> None:
+    from moe.generate import generate
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // ep_size))
+    init_process_group(rank, ep_size, port)
+    try:
+        loaded = load_expert_parallel(spec, ep_size, dtype=dtype, max_len=len(prompt) + params.max_new_tokens)
+        # Every rank decodes the same prompt with the same seed, so all take the same number of
+        # steps (the all-to-all is collective); rank 0 reports, the others check they agree.
+        tokens = generate(loaded.model, prompt, params, eos_ids)
+        gathered: list = [None] * ep_size
+        dist.all_gather_object(gathered, tokens)
+        if any(g != tokens for g in gathered):
+            raise RuntimeError("expert-parallel ranks decoded different tokens")
+        if rank == 0:
+            results.put(tokens)
+    finally:
+        dist.destroy_process_group()
+
+
+def generate_expert_parallel(spec: str, prompt: list[int], params, ep_size: int, dtype: str = "fp32",
+                             eos_ids: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Decode `prompt` with the model's experts spread over `ep_size` local processes (gloo or NCCL)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_generate_worker, nprocs=ep_size, join=True, start_method="spawn",
+                       args=(ep_size, _free_port(), spec, prompt, params, dtype, set(eos_ids), results))
+    return results.get()

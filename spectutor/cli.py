@@ -53,6 +53,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.ep_size > 1:
+        return _generate_expert_parallel(args, params)
     loaded = load_model(args.model, dtype=args.dtype)
     prompt = _encode(loaded, args.prompt, args.raw)
     out: list[int] = []
@@ -64,6 +66,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         printed = text
     sys.stdout.write("\n")
+    return 0
+
+
+def _generate_expert_parallel(args: argparse.Namespace, params) -> int:
+    from types import SimpleNamespace
+
+    from moe.expert_parallel import generate_expert_parallel
+    from moe.loader import load_tokenizer, read_config, resolve_model
+
+    folder = resolve_model(args.model)
+    cfg, _ = read_config(folder)
+    if not cfg.is_moe:
+        raise ValueError(f"--ep-size {args.ep_size} needs an MoE model; {args.model} is dense")
+    if cfg.num_experts % args.ep_size:
+        raise ValueError(f"--ep-size {args.ep_size} must divide the model's {cfg.num_experts} experts")
+    tok = load_tokenizer(folder)
+    prompt = _encode(SimpleNamespace(tokenizer=tok), args.prompt, args.raw)
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    out = generate_expert_parallel(str(folder), prompt, params, args.ep_size, args.dtype, eos)
+    print(tok.decode(out, skip_special_tokens=True))
     return 0
 
 
@@ -103,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--ep-size", type=int, default=1,
+                   help="spread an MoE model's experts over this many local processes (DeepSpeed all-to-all)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the main job on the local stack")

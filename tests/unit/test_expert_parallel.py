@@ -57,3 +57,23 @@ def test_two_ranks_match_one_process(name, tiny_model, tmp_path):
             torch.testing.assert_close(got, _decode(single, prompt), atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_expert_parallel_generation_equals_single_process(tiny_model):
+    from moe.expert_parallel import generate_expert_parallel
+    from moe.generate import SamplingParams, generate
+
+    folder = str(tiny_model("olmoe"))
+    prompt = [11, 42, 7, 99, 3]
+    params = SamplingParams(max_new_tokens=12)
+    ep = generate_expert_parallel(folder, prompt, params, ep_size=2)
+    assert ep == generate(load_model(folder, with_tokenizer=False).model, prompt, params)
+
+
+def test_cli_refuses_expert_parallel_on_a_dense_model(tiny_model, capsys):
+    from spectutor.cli import main
+
+    assert main(["generate", "--model", str(tiny_model("llama")), "--prompt", "hi", "--ep-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--ep-size 2" in err and "dense" in err
