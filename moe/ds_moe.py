@@ -34,7 +34,6 @@ class ExactGate(TopKGate):
         super().__init__(hidden, num_experts, k=top_k, drop_tokens=False, use_rts=False,
                          top2_2nd_expert_sampling=False)
         self.renormalize = renormalize
-        self.last_routing: Tensor | None = None
 
     def forward(self, x: Tensor, used_token: Tensor | None = None, sparse_routes: bool = True,
                 use_tutel: bool = False) -> tuple[Any, ...]:
@@ -42,7 +41,6 @@ class ExactGate(TopKGate):
         weights, experts = logits.softmax(dim=-1).topk(self.k, dim=-1)    # [T, A]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        self.last_routing = experts
         num_experts = logits.shape[1]
         chosen = torch.zeros_like(logits, dtype=torch.long).scatter_(1, experts, 1)  # [T, E]
         counts = chosen.sum(0)                                            # [E]
@@ -74,10 +72,6 @@ class DeepSpeedMoEBlock(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
-
-    @property
-    def last_routing(self) -> Tensor | None:
-        return self.moe.deepspeed_moe.gate.last_routing
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, N, D] -> [B, N, D]."""

@@ -33,7 +33,8 @@ def load_expert_parallel(spec: str, ep_size: int, dtype: str = "fp32", max_len: 
     return loaded
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback right now, for a process group's rendezvous."""
     import socket
 
     with socket.socket() as s:
@@ -70,5 +71,5 @@ def generate_expert_parallel(spec: str, prompt: list[int], params, ep_size: int,
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     mp.start_processes(_generate_worker, nprocs=ep_size, join=True, start_method="spawn",
-                       args=(ep_size, _free_port(), spec, prompt, params, dtype, set(eos_ids), results))
+                       args=(ep_size, free_port(), spec, prompt, params, dtype, set(eos_ids), results))
     return results.get()

@@ -61,7 +61,6 @@ class MoEBlock(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
-        self.last_routing: Tensor | None = None  # [T, A] experts of the last call, for routing statistics
 
     def _shared(self, x: Tensor) -> Tensor | float:
         if self.shared is None:
@@ -73,7 +72,6 @@ class MoEBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                   # [T, D]
         weights, experts = self.router(flat)                              # [T, A]
-        self.last_routing = experts
         out = torch.zeros_like(flat)
         order = experts.flatten().argsort(stable=True)                    # routes grouped by expert
         counts = torch.bincount(experts.flatten(), minlength=self.router.weight.shape[0])

@@ -1,22 +1,15 @@
 """Two processes with ep_size=2 give the same logits as one process holding every expert."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from moe.expert_parallel import free_port
 from moe.loader import load_model
 from moe.tree import TreeBatch
 
 PROMPTS = {0: list(range(3, 40)), 1: [7, 1, 200, 45, 45, 9, 18, 250, 3, 11, 2]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _decode(model, prompt: list[int]) -> torch.Tensor:
@@ -45,7 +38,7 @@ def _worker(rank: int, folder: str, port: int, out_dir: str) -> None:
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
 def test_two_ranks_match_one_process(name, tiny_model, tmp_path):
     folder = str(tiny_model(name))
-    mp.start_processes(_worker, args=(folder, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(folder, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     # Same DeepSpeed MoE layer with every expert local, so only the expert placement differs.
     single = load_model(folder, with_tokenizer=False, moe_backend="deepspeed").model
