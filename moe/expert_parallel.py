@@ -59,6 +59,7 @@ def _generate_worker(rank: int, ep_size: int, port: int, spec: str, prompt: list
             raise RuntimeError("expert-parallel ranks decoded different tokens")
         if rank == 0:
             results.put(tokens)
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -31,6 +31,7 @@ def _worker(rank: int, folder: str, port: int, out_dir: str) -> None:
     blocks = [m for m in loaded.model.modules() if type(m).__name__ == "DeepSpeedMoEBlock"]
     assert blocks and all(b.moe.num_local_experts == loaded.config.num_experts // 2 for b in blocks)
     torch.save(_decode(loaded.model, PROMPTS[rank]), f"{out_dir}/rank{rank}.pt")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
