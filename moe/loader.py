@@ -121,13 +121,13 @@ def convert_state_dict(cfg: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Ten
     def take(key: str) -> Tensor:
         if key not in t:
             raise CorruptModelError(f"checkpoint is missing tensor {key!r}")
-        return t.pop(key) if key != "embed_tokens.weight" else t[key]
+        return t.pop(key)
 
     sd: dict[str, Tensor] = {"embed.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
-        p, q = f"layers.{i}.", f"layers.{i}."
+        p = q = f"layers.{i}."  # same layer prefix in both naming schemes
         sd[q + "input_norm.weight"] = take(p + "input_layernorm.weight")
         sd[q + "post_norm.weight"] = take(p + "post_attention_layernorm.weight")
         a = p + "self_attn."
@@ -173,8 +173,12 @@ class LoadedModel:
 
     @property
     def eos_token_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        return ids
+        return eos_token_ids(self.tokenizer)
+
+
+def eos_token_ids(tokenizer: Any) -> set[int]:
+    """The ids that end a completion for this tokenizer (empty when it names none)."""
+    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
 
 def load_tokenizer(folder: Path) -> Any:

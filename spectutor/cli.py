@@ -38,8 +38,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encode(loaded, text: str, raw: bool) -> list[int]:
-    tok = loaded.tokenizer
+def _encode(tok, text: str, raw: bool) -> list[int]:
     if not raw and tok.chat_template:
         return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False))
@@ -56,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.ep_size > 1:
         return _generate_expert_parallel(args, params)
     loaded = load_model(args.model, dtype=args.dtype)
-    prompt = _encode(loaded, args.prompt, args.raw)
+    prompt = _encode(loaded.tokenizer, args.prompt, args.raw)
     out: list[int] = []
     printed = ""
     for token in decode_stream(loaded.model, prompt, params, loaded.eos_token_ids):
@@ -70,10 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_expert_parallel(args: argparse.Namespace, params) -> int:
-    from types import SimpleNamespace
-
     from moe.expert_parallel import generate_expert_parallel
-    from moe.loader import load_tokenizer, read_config, resolve_model
+    from moe.loader import eos_token_ids, load_tokenizer, read_config, resolve_model
 
     folder = resolve_model(args.model)
     cfg, _ = read_config(folder)
@@ -82,9 +79,8 @@ def _generate_expert_parallel(args: argparse.Namespace, params) -> int:
     if cfg.num_experts % args.ep_size:
         raise ValueError(f"--ep-size {args.ep_size} must divide the model's {cfg.num_experts} experts")
     tok = load_tokenizer(folder)
-    prompt = _encode(SimpleNamespace(tokenizer=tok), args.prompt, args.raw)
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    out = generate_expert_parallel(str(folder), prompt, params, args.ep_size, args.dtype, eos)
+    prompt = _encode(tok, args.prompt, args.raw)
+    out = generate_expert_parallel(str(folder), prompt, params, args.ep_size, args.dtype, eos_token_ids(tok))
     print(tok.decode(out, skip_special_tokens=True))
     return 0
 
@@ -101,7 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - start
     prompt = next(islice((p for p in sharegpt_prompts("heldout") if len(p.text) < 300), 1))
-    ids = _encode(loaded, prompt.text, raw=False)
+    ids = _encode(loaded.tokenizer, prompt.text, raw=False)
     start = time.perf_counter()
     out = generate(loaded.model, ids, SamplingParams(max_new_tokens=args.max_new_tokens), loaded.eos_token_ids)
     gen_s = time.perf_counter() - start

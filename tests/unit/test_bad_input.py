@@ -18,6 +18,15 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+def copy_with_config(tiny_model, folder, **changes):
+    """A copy of the tiny Llama checkpoint in `folder` with some config.json fields changed."""
+    shutil.copytree(tiny_model("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def test_missing_path(home):
     with pytest.raises(ModelNotFoundError, match="/no/such/model"):
         load_model("/no/such/model")
@@ -65,21 +74,13 @@ def test_truncated_safetensors_is_named(tiny_model, tmp_path, home):
 
 
 def test_wrong_shapes_are_named(tiny_model, tmp_path, home):
-    folder = tmp_path / "reshaped"
-    shutil.copytree(tiny_model("llama"), folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["intermediate_size"] = 128
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder = copy_with_config(tiny_model, tmp_path / "reshaped", intermediate_size=128)
     with pytest.raises(CorruptModelError, match="shape"):
         load_model(str(folder), with_tokenizer=False)
 
 
 def test_unsupported_architecture(tiny_model, tmp_path, home):
-    folder = tmp_path / "gpt2ish"
-    shutil.copytree(tiny_model("llama"), folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder = copy_with_config(tiny_model, tmp_path / "gpt2ish", model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel"):
         load_model(str(folder), with_tokenizer=False)
 
