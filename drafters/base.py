@@ -1,0 +1,93 @@
+"""The one small protocol every drafter implements, and what the engine hands it.
+
+n draft nodes, k top-k candidates, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from drafters.verify import Draft, Verified
+from moe.generate import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One running sequence the engine wants a draft for this step."""
+
+    seq_id: int
+    """Engine-wide id of the sequence, stable for its life; drafters key their per-sequence state on it."""
+    history: list[int]
+    """Prompt then every emitted token; the last one is the root, not yet in the target's cache. Read-only."""
+    budget: int
+    """At most this many draft nodes (0: propose nothing)."""
+    params: SamplingParams
+    generator: torch.Generator
+    """The request's own generator, for drafters that sample."""
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What the target made of one sequence's draft, from the verification forward that already ran."""
+
+    seq_id: int
+    tree_tokens: Tensor  # [n+1] int64: the root then the draft nodes
+    topk_ids: Tensor     # [n+1, k] int64: the target's top-k next tokens after each tree node
+    verified: Verified
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """Proposes token trees for a batch of sequences and learns from what the target verified."""
+
+    name: str
+    """Registry name, e.g. "token-recycling"; recorded in every step record."""
+    needs_topk: int
+    """How many of the target's top candidates per tree node `observe` wants (0: none, saves a top-k)."""
+    cost_hint: float
+    """Guess of one draft node's cost relative to a one-token target forward, until it is measured."""
+
+    @property
+    def version(self) -> str:
+        """Version of the weights or state that made the drafts; recorded in every step record."""
+        ...
+
+    def budgets(self) -> tuple[int, ...]:
+        """Draft sizes the adaptive policy may choose from (0, no speculation, is always allowed too)."""
+        ...
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        """One draft per request, each with at most `request.budget` nodes."""
+        ...
+
+    def observe(self, feedback: list[Feedback]) -> None:
+        """Called after verification with what the target computed at every tree node."""
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """The sequence finished or was aborted: forget its state."""
+        ...
+
+
+class NoDrafter:
+    """Plain decoding through the same engine: every step verifies the root alone."""
+
+    name = "none"
+    version = "0"
+    needs_topk = 0
+    cost_hint = 0.0
+
+    def budgets(self) -> tuple[int, ...]:
+        return ()
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        return [Draft.empty() for _ in requests]
+
+    def observe(self, feedback: list[Feedback]) -> None:
+        pass
+
+    def release(self, seq_id: int) -> None:
+        pass

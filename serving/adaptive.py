@@ -1,0 +1,133 @@
+"""Choosing how much to speculate: measured acceptance against the measured cost of verification.
+
+B sequences in the batch, s draft nodes per sequence, a(s) expected accepted draft tokens.
+Each step the policy picks the draft size s (0 = plain decoding) that maximises
+    sum_b (1 + a_b(s)) / (t_target(B * (1 + s)) + t_draft(B, s)),
+the expected tokens per second of the step. a_b(s) is learned per sequence and per drafter, the
+times are learned from the engine's own clock. Choosing s = 0 is always possible, so a drafter
+that does not pay for itself is switched off, sequence by sequence as well as for the batch.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CostModel:
+    """Seconds of one target forward as a function of the tokens it processes (B * tree width)."""
+
+    ema: float = 0.3
+    table: dict[int, float] = field(default_factory=dict)  # tokens -> seconds, smoothed
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        old = self.table.get(tokens)
+        self.table[tokens] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+
+    def predict(self, tokens: int) -> float:
+        """Piecewise-linear through the measured points; flat below the first, linear past the last."""
+        if tokens in self.table:
+            return self.table[tokens]
+        xs = sorted(self.table)
+        if not xs:
+            return 1.0 * tokens  # uncalibrated: any monotone guess keeps the ordering of choices
+        i = bisect.bisect_left(xs, tokens)
+        if i == 0:
+            return self.table[xs[0]]
+        if i == len(xs):
+            if len(xs) == 1:
+                return self.table[xs[0]] * tokens / xs[0]
+            x0, x1 = xs[-2], xs[-1]
+            slope = max(0.0, (self.table[x1] - self.table[x0]) / (x1 - x0))
+            return self.table[x1] + slope * (tokens - x1)
+        x0, x1 = xs[i - 1], xs[i]
+        w = (tokens - x0) / (x1 - x0)
+        return (1 - w) * self.table[x0] + w * self.table[x1]
+
+
+@dataclass
+class _Acceptance:
+    """Smoothed accepted draft tokens per step at one draft size."""
+
+    mean: float = 0.0
+    count: int = 0
+
+    def add(self, value: float, ema: float) -> None:
+        self.mean = value if self.count == 0 else (1 - ema) * self.mean + ema * value
+        self.count += 1
+
+
+class AdaptivePolicy:
+    """Picks each step's draft size for every sequence from learned acceptance and measured costs."""
+
+    def __init__(self, menu: tuple[int, ...], draft_cost_hint: float = 0.0, ema: float = 0.2,
+                 explore_every: int = 16, prior_weight: float = 2.0):
+        self.menu = tuple(sorted(set(s for s in menu if s > 0)))
+        self.draft_cost_hint = draft_cost_hint
+        """Guess of one draft node's cost relative to a one-token target forward, until measured."""
+        self.ema, self.explore_every, self.prior_weight = ema, explore_every, prior_weight
+        self.target_cost = CostModel()
+        self.draft_cost: dict[tuple[int, int], float] = {}  # (s, B) -> seconds of one propose()
+        self._global: dict[int, _Acceptance] = {s: _Acceptance() for s in self.menu}
+        self._per_seq: dict[int, dict[int, _Acceptance]] = {}
+        self.steps = 0
+
+    def reset_drafter(self, menu: tuple[int, ...], draft_cost_hint: float) -> None:
+        """A different drafter took over: what was learned about the old one no longer applies."""
+        self.__init__(menu, draft_cost_hint, self.ema, self.explore_every, self.prior_weight)  # type: ignore[misc]
+
+    def expected_accepted(self, seq_id: int, s: int) -> float:
+        """a_b(s): the sequence's own record, shrunk toward the drafter-wide one."""
+        if s == 0:
+            return 0.0
+        g = self._global[s]
+        # Never tried: optimistic, so that every size gets measured once.
+        prior = g.mean if g.count else min(float(s), 1.0 + 0.25 * s)
+        own = self._per_seq.get(seq_id, {}).get(s)
+        if own is None or own.count == 0:
+            return prior
+        n = min(own.count, 8)
+        return (n * own.mean + self.prior_weight * prior) / (n + self.prior_weight)
+
+    def _draft_seconds(self, s: int, batch: int) -> float:
+        measured = self.draft_cost.get((s, batch))
+        if measured is not None:
+            return measured
+        return self.draft_cost_hint * s * self.target_cost.predict(batch)
+
+    def choose(self, seq_ids: list[int]) -> list[int]:
+        """Draft size per sequence for this step."""
+        self.steps += 1
+        b = len(seq_ids)
+        if not self.menu or b == 0:
+            return [0] * b
+        best_s, best_rate = 0, -1.0
+        for s in (0,) + self.menu:
+            tokens = sum(1.0 + self.expected_accepted(i, s) for i in seq_ids)
+            seconds = self.target_cost.predict(b * (1 + s)) + (self._draft_seconds(s, b) if s else 0.0)
+            rate = tokens / max(seconds, 1e-9)
+            if rate > best_rate:
+                best_s, best_rate = s, rate
+        if self.explore_every and self.steps % self.explore_every == 0:
+            # Keep the neighbours' estimates fresh: acceptance drifts with the text being written.
+            i = self.menu.index(best_s) if best_s else -1
+            best_s = self.menu[(i + 1) % len(self.menu)] if (self.steps // self.explore_every) % 2 else \
+                (self.menu[i - 1] if i > 0 else 0)
+        if best_s == 0:
+            return [0] * b
+        # Per sequence: a sequence whose drafts are nearly never accepted stops paying for them.
+        floor = 0.05 * best_s
+        return [best_s if self.expected_accepted(i, best_s) >= floor else 0 for i in seq_ids]
+
+    def record(self, seq_id: int, s: int, accepted: int) -> None:
+        if s == 0 or s not in self._global:
+            return
+        self._global[s].add(accepted, self.ema)
+        self._per_seq.setdefault(seq_id, {}).setdefault(s, _Acceptance()).add(accepted, self.ema)
+
+    def record_draft_time(self, s: int, batch: int, seconds: float) -> None:
+        old = self.draft_cost.get((s, batch))
+        self.draft_cost[(s, batch)] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+
+    def forget(self, seq_id: int) -> None:
+        self._per_seq.pop(seq_id, None)
