@@ -287,7 +287,9 @@ def _ref(m: ModelRef) -> list[str]:
 
 
 def _event_body(ev: TokenEvent, logprobs_f32: bool) -> dict[str, Any]:
-    lp = ev.topk_logprobs if logprobs_f32 else np.clip(ev.topk_logprobs, -65504.0, 0.0).astype(np.float16)
+    lp = ev.topk_logprobs
+    if not logprobs_f32:  # finite values clamp into float16's range; -inf (masked tokens) stays -inf
+        lp = np.where(np.isneginf(lp), lp, np.clip(lp, -65504.0, 0.0)).astype(np.float16)
     s = ev.sampling
     return {
         "event_id": uuid.UUID(hex=ev.event_id).bytes,
