@@ -205,6 +205,18 @@ class BaseConsumer:
             out.append(Delivery(r.topic, r.partition, r.offset, r.key, event))
         return out
 
+    def poll_raw(self, timeout_s: float = 1.0, max_records: int | None = None) -> list[RawRecord]:
+        """Records as stored: not decoded, not de-duplicated, never dead-lettered. For tools, e.g.
+        reading a dead-letter topic with streams.schema.decode. commit() works as after poll()."""
+        if self._paused:
+            self._keepalive(timeout_s)
+            return []
+        raw = self._fetch(timeout_s, max_records or self.config.max_poll_records)
+        for r in raw:
+            self._n["polled"] += 1
+            self._positions[(r.topic, r.partition)] = r.offset + 1
+        return raw
+
     def _dead_letter(self, r: RawRecord, exc: SchemaError) -> None:
         log.warning("dead-lettering %s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
         letter = DeadLetter(reason=exc.reason, detail=exc.detail[:1000], source_topic=r.topic, partition=r.partition,
