@@ -76,9 +76,12 @@ def chunk_event(thread: int, i: int) -> TokenEvent:
 
 
 def publish_from_threads(producer: BaseProducer, pace_s: float = 0.0,
-                         on_progress: Callable[[int], None] | None = None) -> list[float]:
-    """THREADS threads each publish PER_THREAD chunk events; returns every publish() latency."""
+                         on_progress: Callable[[int], None] | None = None,
+                         timings: list[tuple[float, float]] | None = None) -> list[float]:
+    """THREADS threads each publish PER_THREAD chunk events; returns every publish() latency
+    (and fills `timings` with (perf_counter at the call, latency) pairs)."""
     latencies: list[list[float]] = [[] for _ in range(THREADS)]
+    starts: list[list[float]] = [[] for _ in range(THREADS)]
     done = [0] * THREADS
 
     def run(t: int) -> None:
@@ -87,6 +90,7 @@ def publish_from_threads(producer: BaseProducer, pace_s: float = 0.0,
             t0 = time.perf_counter()
             assert producer.publish(ev)
             latencies[t].append(time.perf_counter() - t0)
+            starts[t].append(t0)
             done[t] = i + 1
             if pace_s:
                 time.sleep(pace_s)
@@ -100,6 +104,8 @@ def publish_from_threads(producer: BaseProducer, pace_s: float = 0.0,
         time.sleep(0.05)
     for th in threads:
         th.join()
+    if timings is not None:
+        timings.extend(sorted(zip((x for st in starts for x in st), (x for lat in latencies for x in lat))))
     return [x for lat in latencies for x in lat]
 
 
