@@ -269,7 +269,7 @@ class LogEventProducer(BaseProducer):
         while True:
             with self._cv:
                 closing, deadline = self._closing, self._close_deadline
-            batch = self._take(2000, 0.0 if closing else 0.05)
+            batch = self._take(2000, 0.0 if closing else 0.5)  # publish() and close() wake us at once
             if batch:
                 self._write(batch, deadline)
             elif closing:

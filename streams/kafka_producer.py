@@ -64,6 +64,7 @@ def kafka_client_config(bootstrap: str, client_id: str, **overrides: object) -> 
         # After a broker restart, reconnect within a second rather than backing off for 30 s.
         reconnect_backoff_max_ms=1000,
         max_request_size=4 << 20,
+        batch_size=256 << 10,
     )
     cfg.update(overrides)
     return cfg
@@ -321,7 +322,9 @@ class KafkaEventProducer(BaseProducer):
             if room <= 0:
                 self._wait(0.005)
                 return False
-            for key, value in self._take(min(room, _BATCH), 0.0 if closing else 0.02):
+            # Idle with nothing in flight, there is nothing to watch: sleep until publish() wakes us.
+            idle_wait = 0.0 if closing else (0.02 if inflight else 0.5)
+            for key, value in self._take(min(room, _BATCH), idle_wait):
                 self._send(key, value, None)
             return False
         # Spill mode: the broker is unreachable, or older records still wait in the spill file.
