@@ -16,7 +16,7 @@ so the output follows the target's law exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -170,4 +170,6 @@ def verify(draft: Draft, logits: Tensor, params: SamplingParams, generator: torc
     if generator is None:
         raise ValueError("sampling verification needs a torch.Generator")
     # Sampling runs on the host with the request's CPU generator, wherever the logits were made.
+    if draft.q is not None and draft.q.device.type != "cpu":
+        draft = replace(draft, q=draft.q.cpu())
     return verify_sampled(draft, probs_from_logits(logits.cpu(), params), generator)

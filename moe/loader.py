@@ -181,6 +181,14 @@ def eos_token_ids(tokenizer: Any) -> set[int]:
     return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
 
+def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
+    """Token ids of `text`, wrapped as one user turn in the model's chat template when it has one."""
+    if chat and tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer.encode(text)
+
+
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 

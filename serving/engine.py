@@ -39,6 +39,8 @@ class EngineConfig:
     """Target top-k ids and log-probabilities kept per output position (0 = none)."""
     explore_every: int = 16
     """Adaptive mode: every this many steps one step tries a neighbouring draft size."""
+    calibrate: bool = True
+    """Adaptive mode: time target forwards of a few widths at start-up to seed the cost model."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -148,6 +150,21 @@ class EngineStats:
     finished: int = 0
 
 
+def _prefill_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:
+    """Prompts of similar length prefilled together, so padding stays under half the work."""
+    groups: list[list[_Sequence]] = []
+    for seq in sorted(seqs, key=lambda s: len(s.history)):
+        group = groups[-1] if groups else None
+        if group is not None:
+            widest = len(seq.history)
+            real = sum(len(s.history) for s in group) + widest
+            if widest * (len(group) + 1) <= 1.5 * real + 32:
+                group.append(seq)
+                continue
+        groups.append([seq])
+    return groups
+
+
 class Engine:
     """Continuous batching with speculative decoding over one target and one (swappable) drafter."""
 
@@ -168,6 +185,27 @@ class Engine:
         self.running: dict[int, _Sequence] = {}
         self._aborted: set[str] = set()
         self._next_seq = 0
+        if cfg.speculation == "adaptive" and cfg.calibrate:
+            self.calibrate()
+
+    def calibrate(self, context: int = 128, repeats: int = 2) -> None:
+        """Seed the adaptive policy's cost model: time forwards of 1, 2, 4, ... tokens after a dummy context."""
+        widest = (1 + max(self.drafter.budgets(), default=0)) * self.cfg.max_batch
+        context = min(context, self.max_len // 2)
+        slot = self.cache.allocate()
+        try:
+            self.target(TreeBatch.chains([[0] * context]), [slot], self.cache, logits_for="last")
+            self.cache.commit([slot], [list(range(context))])
+            width = 1
+            while width <= min(widest, 256, self.max_len - context):
+                tree = TreeBatch.chains([[0] * width])
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    self.target(tree, [slot], self.cache)
+                    self.policy.target_cost.observe(width, time.perf_counter() - t0)
+                width *= 2
+        finally:
+            self.cache.release(slot)
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -197,7 +235,9 @@ class Engine:
         for seq in self.running.values():
             self.drafter.release(seq.seq_id)
         self.drafter = drafter
+        costs = self.policy.target_cost
         self.policy.reset_drafter(drafter.budgets(), getattr(drafter, "cost_hint", 0.0))
+        self.policy.target_cost = costs  # the target did not change
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -255,6 +295,7 @@ class Engine:
         self._aborted.clear()
 
     def _admit(self) -> None:
+        admitted = []
         while self.waiting and len(self.running) < self.cfg.max_batch:
             req = self.waiting.popleft()
             slot = self.cache.allocate()
@@ -263,11 +304,14 @@ class Engine:
             limit = min(req.params.max_new_tokens, self.max_len - len(req.prompt_ids))
             seq = _Sequence(req, self._next_seq, slot, list(req.prompt_ids), gen, limit, time.monotonic())
             self._next_seq += 1
-            # Prefill all but the last prompt token; the last one is the root of the first draft tree.
-            if len(req.prompt_ids) > 1:
-                self.target(TreeBatch.chains([list(req.prompt_ids[:-1])]), [slot], self.cache, logits_for="last")
-                self.cache.commit([slot], [list(range(len(req.prompt_ids) - 1))])
             self.running[seq.seq_id] = seq
+            admitted.append(seq)
+        # Prefill all but the last prompt token; the last one is the root of the first draft tree.
+        for group in _prefill_groups([s for s in admitted if len(s.history) > 1]):
+            chains = [s.history[:-1] for s in group]
+            slots = [s.slot for s in group]
+            self.target(TreeBatch.chains(chains), slots, self.cache, logits_for="last")
+            self.cache.commit(slots, [list(range(len(c))) for c in chains])
 
     def _budgets(self, seqs: list[_Sequence]) -> list[int]:
         spec = self.cfg.speculation

@@ -14,6 +14,8 @@ from typing import Iterator, Literal
 
 Split = Literal["train", "heldout", "all"]
 HELDOUT_PERCENT = 10
+# HumanEval has 164 problems: a quarter is held out so benchmarks get at least 30 of them.
+HUMANEVAL_HELDOUT_PERCENT = 25
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,11 @@ class Prompt:
     text: str
 
 
-def in_split(record_id: str, split: Split) -> bool:
+def in_split(record_id: str, split: Split, percent: int = HELDOUT_PERCENT) -> bool:
+    """Whether a record belongs to `split`; the held-out part is a fixed `percent` of ids by hash."""
     if split == "all":
         return True
-    heldout = int(hashlib.sha256(record_id.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+    heldout = int(hashlib.sha256(record_id.encode()).hexdigest(), 16) % 100 < percent
     return heldout == (split == "heldout")
 
 
@@ -73,5 +76,5 @@ def humaneval_prompts(split: Split = "train") -> Iterator[Prompt]:
     with importlib.resources.as_file(path) as p, gzip.open(p, "rt") as f:
         for line in f:
             rec = json.loads(line)
-            if in_split(rec["task_id"], split):
+            if in_split(rec["task_id"], split, HUMANEVAL_HELDOUT_PERCENT):
                 yield Prompt(id=rec["task_id"], domain="humaneval", text=rec["prompt"])

@@ -39,32 +39,81 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _encode(tok, text: str, raw: bool) -> list[int]:
-    if not raw and tok.chat_template:
-        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False))
-    return tok.encode(text)
+    from moe.loader import encode_prompt
+
+    return encode_prompt(tok, text, chat=not raw)
+
+
+def _speculation(value: str) -> str | int:
+    if value == "adaptive":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--speculation must be 'adaptive' or a number of draft tokens, got {value!r}")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--speculation must be >= 0, got {n}")
+    return n
+
+
+def _drafter_args(p: argparse.ArgumentParser) -> None:
+    from drafters.registry import DRAFTERS
+
+    p.add_argument("--drafter", default="token-recycling", choices=DRAFTERS,
+                   help="who proposes draft tokens; output is the target's either way")
+    p.add_argument("--speculation", type=_speculation, default="adaptive",
+                   help="'adaptive' (choose the draft size each step) or a fixed draft size, 0 = off")
+    p.add_argument("--draft-layers", type=int, default=4, help="draft-lm: target layers kept in the draft")
+    p.add_argument("--draft-mode", default="chain", choices=["chain", "topk", "gumbel", "beam"],
+                   help="draft-lm: a chain, or a tree (top-k, Gumbel-Top-k as RSD-C, stochastic beam as RSD-S)")
+    p.add_argument("--draft-checkpoint", default=None, help="draft-lm: a saved draft version instead of a cut")
+
+
+def build_engine(args: argparse.Namespace, loaded, max_batch: int = 1):
+    """The engine with the drafter the command line names."""
+    from drafters.registry import DrafterConfig, build_drafter
+    from serving.engine import Engine, EngineConfig
+
+    cfg = EngineConfig(max_batch=max_batch, max_len=loaded.model.max_len, speculation=args.speculation)
+    dcfg = DrafterConfig(args.drafter, draft_layers=args.draft_layers, draft_mode=args.draft_mode,
+                         draft_checkpoint=args.draft_checkpoint)
+    drafter = build_drafter(dcfg, args.model, loaded.config.vocab_size, max_batch, cfg.max_len, loaded.config)
+    return Engine(loaded.model, drafter, cfg, loaded.eos_token_ids,
+                  detokenize=lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Print a completion of --prompt from the target model alone (no speculation)."""
-    from moe.generate import SamplingParams, decode_stream
+    """Print a completion of --prompt, decoded by the speculative engine with --drafter."""
+    from moe.generate import SamplingParams
     from moe.loader import load_model
+    from serving.engine import Request
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.ep_size > 1:
         return _generate_expert_parallel(args, params)
     loaded = load_model(args.model, dtype=args.dtype)
-    prompt = _encode(loaded.tokenizer, args.prompt, args.raw)
+    engine = build_engine(args, loaded)
+    engine.add_request(Request("cli", tuple(_encode(loaded.tokenizer, args.prompt, args.raw)), params))
     out: list[int] = []
     printed = ""
-    for token in decode_stream(loaded.model, prompt, params, loaded.eos_token_ids):
-        out.append(token)
+    start = time.perf_counter()
+    done = None
+    while done is None:
+        for o in engine.step():
+            out += o.new_tokens
+            done = o.finished or done
         text = loaded.tokenizer.decode(out, skip_special_tokens=True)
         sys.stdout.write(text[len(printed):])
         sys.stdout.flush()
         printed = text
+    seconds = time.perf_counter() - start
     sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{len(out)} tokens in {seconds:.2f}s, {len(out) / seconds:.1f} tokens/s; drafter {args.drafter} "
+              f"{engine.drafter.version}; {len(done.steps)} target forwards, mean accepted length "
+              f"{done.mean_accepted_length:.2f}; {done.accepted_tokens}/{done.draft_tokens} draft tokens accepted]",
+              file=sys.stderr)
     return 0
 
 
@@ -123,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--ep-size", type=int, default=1,
                    help="spread an MoE model's experts over this many local processes (DeepSpeed all-to-all)")
+    _drafter_args(p)
+    p.add_argument("--stats", action="store_true", help="print speed and acceptance to stderr")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the main job on the local stack")

@@ -1,0 +1,58 @@
+"""Build a drafter by name: the one place that knows every drafter's constructor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from drafters.base import Drafter, NoDrafter
+
+DRAFTERS = ("none", "prompt-lookup", "token-recycling", "draft-lm")
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """Which drafter to run and how."""
+
+    name: str = "token-recycling"
+    """One of DRAFTERS."""
+    draft_layers: int = 4
+    """draft-lm cut from the target: how many of its first layers to keep."""
+    draft_checkpoint: str | None = None
+    """draft-lm: a folder written by `save_draft` (e.g. a version the trainer promoted) instead of a cut."""
+    draft_mode: str = "chain"
+    """draft-lm: chain, topk, gumbel (RSD-C) or beam (RSD-S)."""
+    branching: tuple[int, ...] = (2, 2, 1, 1)
+    """draft-lm topk/gumbel trees: children per node at each depth."""
+    recycling_k: int = 8
+    """token-recycling: candidates kept per token."""
+
+    def __post_init__(self) -> None:
+        if self.name not in DRAFTERS:
+            raise ValueError(f"unknown drafter {self.name!r}; choose one of {', '.join(DRAFTERS)}")
+        if self.draft_mode not in ("chain", "topk", "gumbel", "beam"):
+            raise ValueError(f"draft_mode must be chain, topk, gumbel or beam, got {self.draft_mode!r}")
+        if self.draft_layers < 1:
+            raise ValueError(f"draft_layers must be >= 1, got {self.draft_layers}")
+
+
+def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int,
+                  target_cfg=None) -> Drafter:
+    """The drafter `cfg` names, sized for an engine with `max_batch` sequences of `max_len` tokens."""
+    if cfg.name == "none":
+        return NoDrafter()
+    if cfg.name == "prompt-lookup":
+        from drafters.lookup import PromptLookup
+
+        return PromptLookup()
+    if cfg.name == "token-recycling":
+        from drafters.recycling import TokenRecycling
+
+        return TokenRecycling(vocab_size, k=cfg.recycling_k)
+    from drafters.draft_lm import DraftLMDrafter, draft_from_target, load_draft
+
+    if cfg.draft_checkpoint:
+        model, version = load_draft(cfg.draft_checkpoint, max_len=max_len)
+    else:
+        model, version = draft_from_target(target_spec, cfg.draft_layers, max_len=max_len), f"cut-{cfg.draft_layers}"
+    hint = model.cost_ratio(target_cfg) if target_cfg is not None else 0.25
+    return DraftLMDrafter(model, version, mode=cfg.draft_mode, branching=cfg.branching, max_batch=max_batch,
+                          max_len=max_len, cost_hint=hint)
