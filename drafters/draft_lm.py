@@ -69,16 +69,34 @@ class DraftModel(nn.Module):
         return per_token(self.cfg, rows) / per_token(target_cfg, target_cfg.vocab_size)
 
 
-def draft_from_target(target_spec: str, num_layers: int = 4, vocab_ids: Tensor | None = None,
+def draft_from_target(target_spec: str, num_layers: int | tuple[int, ...] = 4, vocab_ids: Tensor | None = None,
                       max_len: int | None = None) -> DraftModel:
-    """A draft model cut from a target checkpoint: embeddings, the first `num_layers` layers, norm, head."""
+    """A draft model cut from a target checkpoint: embeddings, some of its layers, final norm, head.
+
+    `num_layers` = n keeps the first n layers; a tuple keeps those layer indices, in order
+    (e.g. the first and last few, skipping the middle).
+    """
     folder = resolve_model(target_spec)
     tcfg, _ = read_config(folder)
-    if not 1 <= num_layers <= tcfg.num_layers:
-        raise ValueError(f"num_layers must be in [1, {tcfg.num_layers}], got {num_layers}")
-    cfg = dataclasses.replace(tcfg, num_layers=num_layers,
-                              tie_embeddings=tcfg.tie_embeddings and vocab_ids is None)
-    sd = convert_state_dict(cfg, read_weights(folder))
+    layers = tuple(range(num_layers)) if isinstance(num_layers, int) else tuple(num_layers)
+    if not layers or min(layers) < 0 or max(layers) >= tcfg.num_layers:
+        raise ValueError(f"draft layers must be within [0, {tcfg.num_layers}), got {num_layers}")
+    cfg = dataclasses.replace(tcfg, num_layers=len(layers),
+                              tie_embeddings=tcfg.tie_embeddings and vocab_ids is None,
+                              sparse_layers=tuple(i for i, src in enumerate(layers) if src in tcfg.sparse_layers))
+    hf = read_weights(folder)
+    renamed = {}
+    for key, value in hf.items():
+        parts = key.split(".")
+        if "layers" in parts:
+            at = parts.index("layers") + 1
+            src = int(parts[at])
+            if src not in layers:
+                continue
+            parts[at] = str(layers.index(src))
+        renamed[".".join(parts)] = value
+    hf.clear()
+    sd = convert_state_dict(cfg, renamed)
     if vocab_ids is not None:
         head = sd.get("lm_head.weight", sd["embed.weight"])
         sd["lm_head.weight"] = head[vocab_ids].clone()

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from drafters.base import Drafter, NoDrafter
 
-DRAFTERS = ("none", "prompt-lookup", "token-recycling", "draft-lm")
+DRAFTERS = ("none", "prompt-lookup", "token-recycling", "hybrid", "draft-lm")
 
 
 @dataclass(frozen=True)
@@ -14,8 +14,8 @@ class DrafterConfig:
 
     name: str = "token-recycling"
     """One of DRAFTERS."""
-    draft_layers: int = 4
-    """draft-lm cut from the target: how many of its first layers to keep."""
+    draft_layers: int | tuple[int, ...] = 4
+    """draft-lm cut from the target: keep its first n layers, or these layer indices."""
     draft_checkpoint: str | None = None
     """draft-lm: a folder written by `save_draft` (e.g. a version the trainer promoted) instead of a cut."""
     draft_mode: str = "chain"
@@ -30,7 +30,7 @@ class DrafterConfig:
             raise ValueError(f"unknown drafter {self.name!r}; choose one of {', '.join(DRAFTERS)}")
         if self.draft_mode not in ("chain", "topk", "gumbel", "beam"):
             raise ValueError(f"draft_mode must be chain, topk, gumbel or beam, got {self.draft_mode!r}")
-        if self.draft_layers < 1:
+        if isinstance(self.draft_layers, int) and self.draft_layers < 1:
             raise ValueError(f"draft_layers must be >= 1, got {self.draft_layers}")
 
 
@@ -47,12 +47,19 @@ def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_bat
         from drafters.recycling import TokenRecycling
 
         return TokenRecycling(vocab_size, k=cfg.recycling_k)
+    if cfg.name == "hybrid":
+        from drafters.hybrid import HybridDrafter
+        from drafters.lookup import PromptLookup
+        from drafters.recycling import TokenRecycling
+
+        return HybridDrafter([PromptLookup(), TokenRecycling(vocab_size, k=cfg.recycling_k)])
     from drafters.draft_lm import DraftLMDrafter, draft_from_target, load_draft
 
     if cfg.draft_checkpoint:
         model, version = load_draft(cfg.draft_checkpoint, max_len=max_len)
     else:
-        model, version = draft_from_target(target_spec, cfg.draft_layers, max_len=max_len), f"cut-{cfg.draft_layers}"
+        model = draft_from_target(target_spec, cfg.draft_layers, max_len=max_len)
+        version = f"cut-{model.cfg.num_layers}"
     hint = model.cost_ratio(target_cfg) if target_cfg is not None else 0.25
     return DraftLMDrafter(model, version, mode=cfg.draft_mode, branching=cfg.branching, max_batch=max_batch,
                           max_len=max_len, cost_hint=hint)

@@ -8,6 +8,7 @@ import torch
 
 from drafters.base import NoDrafter
 from drafters.draft_lm import DraftLMDrafter, draft_from_target, load_draft, save_draft
+from drafters.hybrid import HybridDrafter, merge_trees
 from drafters.lookup import PromptLookup
 from drafters.recycling import TokenRecycling
 from drafters.registry import DrafterConfig, build_drafter
@@ -33,6 +34,7 @@ def _drafters(folder: Path, vocab: int, max_batch: int, max_len: int):
     yield "none", NoDrafter()
     yield "prompt-lookup", PromptLookup()
     yield "token-recycling", TokenRecycling(vocab)
+    yield "hybrid", HybridDrafter([PromptLookup(), TokenRecycling(vocab)])
     for mode in ("chain", "topk", "gumbel", "beam"):
         yield f"draft-lm-{mode}", DraftLMDrafter(draft_from_target(str(folder), 2, max_len=max_len), mode=mode,
                                                  max_batch=max_batch, max_len=max_len)
@@ -281,3 +283,16 @@ def test_bad_drafter_config_names_the_value():
         EngineConfig(speculation="sometimes")
     with pytest.raises(ValueError, match="draft_mode"):
         DrafterConfig("draft-lm", draft_mode="wide")
+
+
+def test_merged_trees_share_common_paths_and_respect_the_budget():
+    from drafters.verify import Draft
+
+    a = Draft.chain([5, 6, 7])
+    b = Draft(torch.tensor([5, 9, 6, 8]), torch.tensor([-1, -1, 0, 1]))   # 5->6 repeats a's path
+    m = merge_trees([a, b], budget=5)
+    assert m.tokens.tolist() == [5, 6, 7, 9, 8] and m.parents.tolist() == [-1, 0, 1, -1, 3]
+    cut = merge_trees([a, b], budget=4)
+    assert cut.tokens.tolist() == [5, 6, 7, 9] and cut.parents.tolist() == [-1, 0, 1, -1]
+    with pytest.raises(ValueError, match="deterministic"):
+        merge_trees([Draft.chain([1], q=torch.ones(2, 4) / 4)], budget=3)
