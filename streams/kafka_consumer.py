@@ -55,7 +55,7 @@ class KafkaEventConsumer(BaseConsumer):
         )
         self._consumer.subscribe([cfg.topic], listener=_ForgetRevoked(self))
         self._dlq: KafkaProducer | None = None
-        self._dlq_futures: list = []
+        self._dead_letters: list[tuple[bytes | None, bytes]] = []
 
     def _fetch(self, timeout_s: float, max_records: int) -> list[RawRecord]:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
@@ -85,17 +85,19 @@ class KafkaEventConsumer(BaseConsumer):
         self._consumer.commit(offsets)
 
     def _send_dead_letter(self, key: bytes | None, value: bytes) -> None:
-        if self._dlq is None:
-            self._dlq = KafkaProducer(**kafka_client_config(self.bootstrap, f"{self.config.client_id}-dlq", linger_ms=0))
-        self._dlq_futures.append(self._dlq.send(self.config.dead_letter_topic, key=key, value=value))
+        # Held until commit(): poll() never touches the network for them, so it cannot fail half-way.
+        self._dead_letters.append((key, value))
 
     def _flush_dead_letters(self) -> None:
-        if self._dlq is None or not self._dlq_futures:
+        if not self._dead_letters:
             return
+        if self._dlq is None:
+            self._dlq = KafkaProducer(**kafka_client_config(self.bootstrap, f"{self.config.client_id}-dlq", linger_ms=0))
+        futures = [self._dlq.send(self.config.dead_letter_topic, key=k, value=v) for k, v in self._dead_letters]
         self._dlq.flush(timeout=30)
-        for fut in self._dlq_futures:
-            fut.get(timeout=0)  # raises the broker's error: then no commit happens
-        self._dlq_futures.clear()
+        for fut in futures:
+            fut.get(timeout=0)  # raises the broker's error: then nothing is committed, and they come again
+        self._dead_letters.clear()
 
     def close(self) -> None:
         """Leave the group without committing (commit first if your work is durable)."""

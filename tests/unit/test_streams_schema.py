@@ -200,7 +200,7 @@ def _split(ev: TokenEvent, steps_per_chunk: int) -> list[TokenEvent]:
     emitted = np.minimum(ev.step_accepted + 1, ev.num_tokens)  # tokens per step
     ends = np.cumsum(emitted)
     ends[-1] = ev.num_tokens
-    chunks, start_step, start_tok = [], 0, 0
+    chunks, start_tok = [], 0
     n_steps = len(ev.step_proposed)
     for c, s0 in enumerate(range(0, n_steps, steps_per_chunk)):
         s1 = min(s0 + steps_per_chunk, n_steps)
@@ -212,7 +212,7 @@ def _split(ev: TokenEvent, steps_per_chunk: int) -> list[TokenEvent]:
             output_ids=ev.output_ids[sl], topk_ids=ev.topk_ids[sl], topk_logprobs=ev.topk_logprobs[sl],
             step_proposed=ev.step_proposed[s0:s1], step_accepted=ev.step_accepted[s0:s1],
             step_drafter=ev.step_drafter[s0:s1], finish_reason=ev.finish_reason if s1 == n_steps else None))
-        start_step, start_tok = s1, t1
+        start_tok = t1
     return chunks
 
 
