@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -120,11 +119,11 @@ def _sync() -> None:
 def peak_rss_mb(model_spec: str, dtype: str) -> float:
     """Peak RSS of a fresh process that loads the model and decodes 16 tokens."""
     code = (
-        "import resource, sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, %r)\n"
         "from moe.loader import load_model; from moe.generate import generate, SamplingParams\n"
         "m = load_model(%r, dtype=%r)\n"
         "generate(m.model, m.tokenizer.encode('Hello there, how are you?'), SamplingParams(max_new_tokens=16))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
     ) % (str(ROOT), model_spec, dtype)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1]) / 1024

@@ -111,8 +111,9 @@ class AdaptivePolicy:
         if self.explore_every and self.steps % self.explore_every == 0:
             # Keep the neighbours' estimates fresh: acceptance drifts with the text being written.
             i = self.menu.index(best_s) if best_s else -1
-            best_s = self.menu[(i + 1) % len(self.menu)] if (self.steps // self.explore_every) % 2 else \
-                (self.menu[i - 1] if i > 0 else 0)
+            up = (self.steps // self.explore_every) % 2 == 1
+            probe = self.menu[(i + 1) % len(self.menu)] if up or i < 0 else (self.menu[i - 1] if i > 0 else 0)
+            return [probe] * b
         if best_s == 0:
             return [0] * b
         # Per sequence: a sequence whose drafts are nearly never accepted stops paying for them.
