@@ -59,7 +59,7 @@ def _speculation(value: str) -> str | int:
 def _drafter_args(p: argparse.ArgumentParser) -> None:
     from drafters.registry import DRAFTERS
 
-    p.add_argument("--drafter", default="token-recycling", choices=DRAFTERS,
+    p.add_argument("--drafter", default="hybrid", choices=DRAFTERS,
                    help="who proposes draft tokens; output is the target's either way")
     p.add_argument("--speculation", type=_speculation, default="adaptive",
                    help="'adaptive' (choose the draft size each step) or a fixed draft size, 0 = off")
@@ -135,25 +135,32 @@ def _generate_expert_parallel(args: argparse.Namespace, params) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Load the default model and answer one real ShareGPT prompt (later: the whole loop)."""
+    """Answer real held-out prompts (HumanEval, then ShareGPT) with the speculative engine (later: the whole loop)."""
     from itertools import islice
 
-    from moe.generate import SamplingParams, generate
+    from moe.generate import SamplingParams
     from moe.loader import load_model
-    from serving.traffic import sharegpt_prompts
+    from serving.engine import Request
+    from serving.traffic import humaneval_prompts, sharegpt_prompts
 
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype)
-    load_s = time.perf_counter() - start
-    prompt = next(islice((p for p in sharegpt_prompts("heldout") if len(p.text) < 300), 1))
-    ids = _encode(loaded.tokenizer, prompt.text, raw=False)
-    start = time.perf_counter()
-    out = generate(loaded.model, ids, SamplingParams(max_new_tokens=args.max_new_tokens), loaded.eos_token_ids)
-    gen_s = time.perf_counter() - start
-    print(f"model {args.model} loaded in {load_s:.1f}s")
-    print(f"--- ShareGPT {prompt.id} ---\n{prompt.text}\n--- answer ---")
-    print(loaded.tokenizer.decode(out, skip_special_tokens=True))
-    print(f"--- {len(out)} tokens in {gen_s:.1f}s ({len(out) / gen_s:.1f} tokens/s, greedy, lean decoder) ---")
+    engine = build_engine(args, loaded)
+    print(f"model {args.model} loaded in {time.perf_counter() - start:.1f}s; drafter {args.drafter}, "
+          f"speculation {args.speculation}")
+    prompts = [(p, loaded.tokenizer.encode(p.text)) for p in islice(humaneval_prompts("heldout"), 1)]
+    prompts += [(p, _encode(loaded.tokenizer, p.text, raw=False))
+                for p in islice((p for p in sharegpt_prompts("heldout") if len(p.text) < 300), 1)]
+    for prompt, ids in prompts:
+        engine.add_request(Request(prompt.id, tuple(ids), SamplingParams(max_new_tokens=args.max_new_tokens),
+                                   domain=prompt.domain))
+        start = time.perf_counter()
+        [done] = engine.run_to_completion()
+        seconds = time.perf_counter() - start
+        print(f"--- {prompt.domain} {prompt.id} ---\n{prompt.text.strip()}\n--- answer ---")
+        print(loaded.tokenizer.decode(done.output_ids, skip_special_tokens=True))
+        print(f"--- {len(done.output_ids)} tokens in {seconds:.1f}s ({len(done.output_ids) / seconds:.1f} tokens/s, "
+              f"greedy); {len(done.steps)} target forwards, mean accepted length {done.mean_accepted_length:.2f} ---")
     return 0
 
 
@@ -179,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the local stack")
     _model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=96)
+    _drafter_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
