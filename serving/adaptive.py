@@ -109,11 +109,13 @@ class AdaptivePolicy:
             if rate > best_rate:
                 best_s, best_rate = s, rate
         if self.explore_every and self.steps % self.explore_every == 0:
-            # Keep the neighbours' estimates fresh: acceptance drifts with the text being written.
-            i = self.menu.index(best_s) if best_s else -1
-            up = (self.steps // self.explore_every) % 2 == 1
-            probe = self.menu[(i + 1) % len(self.menu)] if up or i < 0 else (self.menu[i - 1] if i > 0 else 0)
-            return [probe] * b
+            # Keep every affordable size's estimate fresh, in turn: acceptance drifts with the text
+            # (and a Token Recycling matrix warms up), so a size judged once while cold must be retried.
+            # Only sizes whose step costs at most twice the chosen one's are probed.
+            limit = 2 * self.target_cost.predict(b * (1 + best_s))
+            probes = [s for s in self.menu if s != best_s and self.target_cost.predict(b * (1 + s)) <= limit]
+            probes = probes or [self.menu[0]]
+            return [probes[(self.steps // self.explore_every) % len(probes)]] * b
         if best_s == 0:
             return [0] * b
         # Per sequence: a sequence whose drafts are nearly never accepted stops paying for them.

@@ -38,7 +38,7 @@ class EngineConfig:
     topk_log: int = 8
     """Target top-k ids and log-probabilities kept per output position (0 = none)."""
     explore_every: int = 16
-    """Adaptive mode: every this many steps one step tries a neighbouring draft size."""
+    """Adaptive mode: every this many steps one step probes another affordable draft size, in turn."""
     calibrate: bool = True
     """Adaptive mode: time target forwards of a few widths at start-up to seed the cost model."""
 
