@@ -25,6 +25,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine_info import cpu_name  # noqa: E402
 from moe.generate import SamplingParams, generate  # noqa: E402
 from moe.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from moe.tree import TreeBatch  # noqa: E402
@@ -35,12 +36,7 @@ CONTEXTS = (256, 1024)
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

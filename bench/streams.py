@@ -34,6 +34,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine_info import cpu_name  # noqa: E402
 from streams import TokenEvent, decode_event, encode, open_consumer, open_producer  # noqa: E402
 from streams.producer import BaseProducer  # noqa: E402
 
@@ -49,12 +50,7 @@ def decode_ms_per_token() -> tuple[float, float]:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def broker_cpu_s() -> float | None:

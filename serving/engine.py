@@ -140,7 +140,7 @@ class EngineStats:
     """Counters the serving layer turns into metrics; the engine only adds to them."""
 
     steps: int = 0
-    target_forwards: int = 0
+    prefill_forwards: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
     emitted_tokens: int = 0
@@ -312,6 +312,7 @@ class Engine:
             slots = [s.slot for s in group]
             self.target(TreeBatch.chains(chains), slots, self.cache, logits_for="last")
             self.cache.commit(slots, [list(range(len(c))) for c in chains])
+            self.stats.prefill_forwards += 1
 
     def _budgets(self, seqs: list[_Sequence]) -> list[int]:
         spec = self.cfg.speculation
@@ -326,7 +327,6 @@ class Engine:
     def _account(self, seqs: list[_Sequence], budgets: list[int], tree: TreeBatch, t_draft: float,
                  t_target: float) -> None:
         self.stats.steps += 1
-        self.stats.target_forwards += 1
         self.stats.draft_seconds += t_draft
         self.stats.target_seconds += t_target
         self.policy.target_cost.observe(tree.batch_size * tree.width, t_target)
