@@ -1,0 +1,289 @@
+"""The drafter registry in MLflow: versions, the `champion` / `challenger` aliases, verified downloads.
+
+One registered model per drafter lineage (`registered_name`); each version is a LoggedModel whose
+artifacts are a `save_draft` folder (model.safetensors + draft.json). Its tags carry the sha256 of
+the weights file, so a replica can refuse a download that does not match what the trainer wrote.
+
+Atomicity: a version is created only after every artifact is uploaded and the LoggedModel is
+finalised READY, and the sha256 of the folder is checked before the upload; an upload that fails
+half way leaves a FAILED LoggedModel and no version. MLflow has no compare-and-set on aliases,
+so there must be one promoter per lineage (the trainer); the previous champions are kept in the
+registered model's `champion_history` tag so `rollback` can restore them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streams.schema import Promotion
+
+WEIGHTS_FILE = "model.safetensors"
+CHAMPION, CHALLENGER = "champion", "challenger"
+_HISTORY_TAG = "champion_history"  # JSON list of versions that held `champion`, oldest first
+_HISTORY_KEEP = 50
+
+
+class ArtifactError(RuntimeError):
+    """A drafter artifact is missing, incomplete, or does not match its recorded sha256."""
+
+
+class LineageError(RuntimeError):
+    """A registry operation cannot be done (unknown name or version, nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class DrafterVersion:
+    """One registered drafter version as serving and the CLI see it."""
+
+    name: str  # registered model name
+    version: int  # MLflow model version number
+    source_uri: str  # where its artifacts live (models:/m-<id>)
+    sha256: str  # of model.safetensors
+    aliases: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None  # the trainer run that produced it
+    created_at: float = 0.0  # unix seconds
+
+    @property
+    def model_uri(self) -> str:
+        """The concrete (alias-free) URI to download: resolving an alias twice could race a promotion."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def registered_name(domain: str | None = None, target: str | None = None) -> str:
+    """The registry name of a lineage: `spectutor-draft[-<target>][-<domain>]` (general drafter: no domain)."""
+    parts = ["spectutor-draft"]
+    for part in (target, domain):
+        if part:
+            clean = "".join(c if c.isalnum() or c in "-_" else "-" for c in part.lower())
+            parts.append(clean)
+    return "-".join(parts)
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 of a draft folder's weights file (the same digest `save_draft` returns)."""
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing")
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def promotion_message(v: DrafterVersion) -> Promotion:
+    """The Redis announcement that `v` is champion."""
+    return Promotion(name=v.name, version=str(v.version), model_uri=v.model_uri, sha256=v.sha256)
+
+
+class Lineage:
+    """Registry operations over one MLflow tracking server (or a sqlite URI)."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def register(self, name: str, folder: str | Path, *, run_id: str | None = None,
+                 tags: dict[str, object] | None = None, alias: str | None = None,
+                 experiment: str | None = None) -> DrafterVersion:
+        """Upload a `save_draft` folder and make it version N+1 of `name`; optionally alias it.
+
+        If `tags` carries a "sha256", the folder must match it (a checkpoint changed after it was
+        scored is refused). Raises ArtifactError for a bad folder; nothing is registered then.
+        """
+        from mlflow.entities import LoggedModelStatus
+
+        folder = Path(folder)
+        sha = weights_sha256(folder)
+        tags = {k: _tag(v) for k, v in (tags or {}).items()}
+        if tags.setdefault("sha256", sha) != sha:
+            raise ArtifactError(f"{folder}: weights sha256 {sha} != expected {tags['sha256']}")
+        if not (folder / "draft.json").is_file():
+            raise ArtifactError(f"{folder}/draft.json is missing")
+        self._ensure_registered(name)
+        if run_id is not None:
+            experiment_id = self.client.get_run(run_id).info.experiment_id
+        else:
+            experiment_id = self._experiment_id(experiment or f"spectutor/{name}")
+        model = self.client.create_logged_model(experiment_id, name="draft", source_run_id=run_id,
+                                                tags={"sha256": sha}, model_type="spectutor-draft")
+        try:
+            self.client.log_model_artifacts(model.model_id, str(folder))
+        except Exception:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        mv = self.client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id, tags=tags,
+                                              model_id=model.model_id)
+        if str(mv.status) not in ("READY", "ModelVersionStatus.READY"):
+            raise LineageError(f"{name} version {mv.version} ended {mv.status}")
+        if alias:
+            self.client.set_registered_model_alias(name, alias, mv.version)
+        return self.get(name, int(mv.version))
+
+    def promote(self, name: str, version: int) -> DrafterVersion:
+        """Move `champion` to `version` and remember the previous champion for `rollback`."""
+        v = self.get(name, version)
+        current = self.by_alias(name, CHAMPION)
+        if current is not None and current.version == v.version:
+            return v
+        history = self._history(name)
+        if current is not None and (not history or history[-1] != current.version):
+            history.append(current.version)
+        self.client.set_registered_model_tag(name, _HISTORY_TAG, json.dumps(history[-_HISTORY_KEEP:]))
+        self.client.set_registered_model_alias(name, CHAMPION, str(v.version))
+        self.client.set_model_version_tag(name, str(v.version), "promoted_at", f"{time.time():.3f}")
+        return self.get(name, v.version)
+
+    def rollback(self, name: str) -> DrafterVersion:
+        """Give `champion` back to the version that held it before the current one."""
+        history = self._history(name)
+        current = self.by_alias(name, CHAMPION)
+        while history and current is not None and history[-1] == current.version:
+            history.pop()
+        if not history:
+            raise LineageError(f"{name}: no earlier champion to roll back to")
+        previous = history.pop()
+        if current is not None:
+            self.client.set_model_version_tag(name, str(current.version), "rolled_back_at", f"{time.time():.3f}")
+        self.client.set_registered_model_tag(name, _HISTORY_TAG, json.dumps(history))
+        self.client.set_registered_model_alias(name, CHAMPION, str(previous))
+        return self.get(name, previous)
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point `alias` (e.g. `challenger`) at `version`."""
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def get(self, name: str, version: int) -> DrafterVersion:
+        """One version; LineageError when it does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            raise LineageError(f"{name} has no version {version}") from exc
+        return _to_version(mv)
+
+    def by_alias(self, name: str, alias: str = CHAMPION) -> DrafterVersion | None:
+        """The version `alias` points at, or None (no such alias or registered model)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            if _not_found(exc):
+                return None
+            raise
+        return _to_version(mv)
+
+    def versions(self, name: str) -> list[DrafterVersion]:
+        """Every version of `name`, oldest first (empty for an unknown name)."""
+        found = self.client.search_model_versions(f"name = '{name}'")
+        if not found:
+            return []
+        # Search results leave `aliases` empty; the registered model has the alias map.
+        by_version: dict[int, list[str]] = {}
+        for alias, version in self.client.get_registered_model(name).aliases.items():
+            by_version.setdefault(int(version), []).append(alias)
+        out = [dataclasses.replace(v, aliases=tuple(sorted(by_version.get(v.version, ()))))
+               for v in map(_to_version, found)]
+        return sorted(out, key=lambda v: v.version)
+
+    def names(self) -> list[str]:
+        """Registered drafter lineages."""
+        return sorted(m.name for m in self.client.search_registered_models()
+                      if m.name.startswith("spectutor-draft"))
+
+    def fetch(self, v: DrafterVersion, dest_root: str | Path) -> Path:
+        """Download `v` into `dest_root/<name>-v<version>` and check its sha256; returns the folder.
+
+        Downloads go to a temporary sibling first and are renamed only when complete and verified,
+        so a folder that exists under its final name is always whole.
+        """
+        import mlflow.artifacts
+
+        dest_root = Path(dest_root)
+        final = dest_root / f"{v.name}-v{v.version}"
+        if final.is_dir() and _matches(final, v.sha256):
+            return final
+        dest_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{v.name}-v{v.version}-", dir=dest_root))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=v.model_uri, dst_path=str(tmp),
+                                                tracking_uri=self.tracking_uri)
+            got = weights_sha256(tmp)
+            if got != v.sha256:
+                raise ArtifactError(f"{v.model_uri}: downloaded weights sha256 {got} != registered {v.sha256}")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            return final
+        except ArtifactError:
+            raise
+        except Exception as exc:  # network, missing artifact: one error type for the caller to count
+            raise ArtifactError(f"{v.model_uri}: download failed: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _ensure_registered(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException as exc:
+            if not _not_found(exc):
+                raise
+            try:
+                self.client.create_registered_model(name, description="spectutor draft model lineage")
+            except MlflowException as race:  # another writer created it first
+                if "already exists" not in str(race).lower() and "RESOURCE_ALREADY_EXISTS" not in str(race):
+                    raise
+
+    def _experiment_id(self, experiment: str) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        return found.experiment_id if found is not None else self.client.create_experiment(experiment)
+
+    def _history(self, name: str) -> list[int]:
+        raw = self.client.get_registered_model(name).tags.get(_HISTORY_TAG, "[]")
+        try:
+            return [int(x) for x in json.loads(raw)]
+        except (ValueError, TypeError):
+            return []
+
+
+def _tag(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _matches(folder: Path, sha: str) -> bool:
+    try:
+        return weights_sha256(folder) == sha
+    except ArtifactError:
+        return False
+
+
+def _not_found(exc: Exception) -> bool:
+    code = getattr(exc, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE") or "not found" in str(exc).lower()
+
+
+def _to_version(mv) -> DrafterVersion:
+    return DrafterVersion(name=mv.name, version=int(mv.version), source_uri=mv.source, sha256=mv.tags.get("sha256", ""),
+                          aliases=tuple(sorted(mv.aliases or ())), tags=dict(mv.tags), run_id=mv.run_id or None,
+                          created_at=(mv.creation_timestamp or 0) / 1000.0)
