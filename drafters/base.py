@@ -27,6 +27,8 @@ class DraftRequest:
     params: SamplingParams
     generator: torch.Generator
     """The request's own generator, for drafters that sample."""
+    domain: str | None = None
+    """The request's traffic domain ("code", "chat", ...), for drafters kept per domain."""
 
 
 @dataclass(frozen=True)

@@ -249,7 +249,7 @@ class Engine:
             return outputs
         seqs = list(self.running.values())
         budgets = self._budgets(seqs)
-        requests = [DraftRequest(s.seq_id, s.history, n, s.request.params, s.generator)
+        requests = [DraftRequest(s.seq_id, s.history, n, s.request.params, s.generator, s.request.domain)
                     for s, n in zip(seqs, budgets)]
         t0 = time.perf_counter()
         drafts = self.drafter.propose(requests)
@@ -364,7 +364,10 @@ class Engine:
             seq.topk_ids.append(top.indices.to(torch.int32).cpu())
             seq.topk_logprobs.append(top.values.cpu())
         accepted = min(v.accepted, len(tokens))
-        seq.steps.append(StepRecord(draft.size, accepted, self.drafter.name, self.drafter.version))
+        # A drafter that routes sequences to sub-drafters (per domain) names the one that drafted.
+        served_by = getattr(self.drafter, "served_by", None)
+        name, version = served_by(seq.seq_id) if served_by else (self.drafter.name, self.drafter.version)
+        seq.steps.append(StepRecord(draft.size, accepted, name, version))
         self.policy.record(seq.seq_id, draft.size if draft.size else 0, v.accepted)
         st = self.stats
         st.draft_tokens += draft.size
