@@ -1,0 +1,144 @@
+"""The Ray Serve application: a thin shim over serving.service.Replica.
+
+Two deployments:
+  - `EngineServer` (N replicas): one Replica each (engine thread, hot swap, events, heartbeats);
+    `generate()` streams a Head then SSE lines through a DeploymentHandle.
+  - `OpenAIRouter` (the HTTP ingress): the FastAPI app of serving.openai_api, relaying to the
+    engine replicas. It outlives a replica, so a replica killed mid-stream still gets its client
+    an error chunk and [DONE] instead of a silently truncated stream.
+
+`serve run deploy/serve.yaml` builds it through `build_app(args)`; `spectutor serve` calls
+`serve.run(build_app(...))` on a local Ray cluster. Ray Serve calls `reconfigure(user_config)` on
+the replica's event loop, and a raise there kills the replica: only a malformed policy raises, a
+drafter that fails to load is counted and the old one keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.config import ServeConfig, SwapPolicy
+from serving.metrics import MetricsSink, snapshot
+from serving.openai_api import Head, build_app as build_http_app
+
+log = logging.getLogger(__name__)
+
+METRICS_PERIOD_S = 2.0
+
+
+@serve.deployment(name="engine", max_ongoing_requests=64, health_check_period_s=5, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=60)
+class EngineServer:
+    """One serving replica: the engine, its drafter swaps, events and heartbeats."""
+
+    def __init__(self, config: dict[str, Any]):
+        from serving.service import Replica
+
+        self.cfg = ServeConfig.from_dict(config)
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica = Replica(self.cfg, f"{self.cfg.model_id.rsplit('/', 1)[-1]}-{replica_id}")
+        st = self.replica.service.stats
+        swap_stats = self.replica.swapper.stats if self.replica.swapper else None
+        self.metrics = MetricsSink(lambda: snapshot(st, swap_stats, self.replica.publisher),
+                                   lambda: [st.latencies.popleft() for _ in range(len(st.latencies))],
+                                   drafter_name=self.cfg.lineage)
+        self._metrics_task: asyncio.Task | None = None
+
+    def _ensure_metrics_task(self) -> None:
+        if self._metrics_task is None:
+            self._metrics_task = asyncio.get_running_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                self.metrics.update()
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                log.exception("metrics update failed")
+            await asyncio.sleep(METRICS_PERIOD_S)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Ray Serve user_config -> SwapPolicy; raises only for a malformed policy."""
+        policy = SwapPolicy.from_dict(user_config or {})
+        self.replica.reconfigure(policy)  # never raises; swaps happen on the swapper's thread
+        self._ensure_metrics_task()
+
+    async def generate(self, kind: str, body: dict[str, Any]) -> AsyncIterator[Head | str]:
+        """Head, then SSE lines (see serving.openai_api.Completer.generate)."""
+        self._ensure_metrics_task()
+        async for item in self.replica.completer.generate(kind, body):
+            yield item
+
+    async def info(self) -> dict[str, Any]:
+        """Replica id, drafter serving, swap and service counters (tests and operators)."""
+        sw = self.replica.swapper
+        st = self.replica.service.stats
+        return {"replica_id": self.replica.replica_id, "drafter": self.replica.service.drafter.name,
+                "drafter_version": self.replica.service.drafter.version,
+                "swaps": sw.stats.swaps if sw else 0, "swap_failures": sw.stats.failures if sw else 0,
+                "swap_history": sw.stats.history if sw else [], "last_swap_error": sw.stats.last_error if sw else "",
+                "finished": st.finished, "aborted": st.aborted, "steps": st.steps,
+                "events_published": self.replica.publisher.published if self.replica.publisher else 0,
+                "events_dropped": self.replica.publisher.dropped if self.replica.publisher else 0}
+
+    def check_health(self) -> None:
+        """Unhealthy only when a restart fixes it: the engine thread died (not Kafka/Redis/MLflow down)."""
+        if not self.replica.service.alive:
+            raise RuntimeError(f"engine thread is dead: {self.replica.service.error!r}")
+
+    def __del__(self) -> None:
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.close()
+
+
+class _HandleBackend:
+    """serving.openai_api.Backend over a DeploymentHandle to the engine replicas."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle.options(stream=True)
+
+    def generate(self, kind: str, body: dict[str, Any]) -> Any:
+        return self.handle.generate.remote(kind, body)
+
+
+@serve.deployment(name="router", max_ongoing_requests=1024)
+@serve.ingress()
+class OpenAIRouter:
+    """The HTTP ingress: OpenAI routes, validation, error shapes; relays generation to EngineServer."""
+
+    def __init__(self, engine: DeploymentHandle, model_id: str):
+        self.backend = _HandleBackend(engine)
+        self.model_id = model_id
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from ray.serve.exceptions import BackPressureError
+
+        return build_http_app(self.backend, self.model_id, overload_errors=(BackPressureError,))
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run serving.app:build_app` / deploy/serve.yaml.
+
+    `args` is a ServeConfig mapping, plus optional engine deployment options: `num_replicas`,
+    `num_cpus` (per replica), `max_queued_requests` (beyond it: 503 + Retry-After) and
+    `user_config` (a SwapPolicy mapping).
+    """
+    args = dict(args or {})
+    num_replicas = int(args.pop("num_replicas", 1))
+    user_config = args.pop("user_config", None)
+    max_queued = int(args.pop("max_queued_requests", -1))
+    num_cpus = float(args.pop("num_cpus", 1.0))
+    cfg = ServeConfig.from_dict(args)
+    engine_opts: dict[str, Any] = {"num_replicas": num_replicas, "max_queued_requests": max_queued,
+                                   "max_ongoing_requests": cfg.max_batch + cfg.max_waiting,
+                                   "ray_actor_options": {"num_cpus": num_cpus}}
+    if user_config is not None:
+        SwapPolicy.from_dict(user_config)  # fail at deploy time, not in every replica
+        engine_opts["user_config"] = user_config
+    engine = EngineServer.options(**engine_opts).bind(args)
+    # The router only parses and relays: it asks Ray for no CPU so a 2-core laptop fits two engines.
+    return OpenAIRouter.options(ray_actor_options={"num_cpus": 0}).bind(engine, cfg.model_id)

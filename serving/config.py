@@ -1,0 +1,147 @@
+"""The serving replica's configuration: what it builds at start (ServeConfig) and the policy an
+operator may change while it runs (SwapPolicy, Ray Serve's `user_config`).
+
+Frozen dataclasses inside; `from_dict` is the one place a YAML/JSON mapping becomes one, and it names
+the bad field. Ray Serve hands `user_config` to `reconfigure()`, which must never raise for a bad
+drafter, only for a malformed policy (so a typo crash-loops loudly instead of silently serving).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, TypeVar
+
+from drafters.registry import DRAFTERS
+
+T = TypeVar("T")
+
+
+def _speculation(value: Any, name: str = "speculation") -> str | int:
+    if value == "adaptive":
+        return "adaptive"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be 'adaptive' or an int >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One replica: the target, its starting drafter, limits, and where events and swaps come from."""
+
+    model: str = "smollm2-135m-instruct"
+    """Target: model name, Hugging Face folder or .gguf file (moe.loader.resolve_model)."""
+    served_model_name: str | None = None
+    """The `model` clients send and /v1/models lists (default: `model`)."""
+    dtype: str = "fp32"
+    """Target weights: fp32 or bf16."""
+    drafter: str = "hybrid"
+    """Drafter at start (drafters.registry.DRAFTERS); promotions of `lineage` replace it."""
+    draft_layers: int = 4
+    """draft-lm cut at start: target layers kept."""
+    draft_mode: str = "chain"
+    """draft-lm: chain, topk, gumbel or beam (also used for promoted versions)."""
+    speculation: str | int = "adaptive"
+    """"adaptive", or a fixed draft size (0 = plain decoding)."""
+    max_batch: int = 8
+    """Sequences decoded together on one replica (continuous batching); KV cache slots."""
+    max_len: int | None = None
+    """Positions per sequence, prompt included (default: the model's context)."""
+    max_waiting: int = 64
+    """Requests queued for a slot beyond which a replica answers 429 with Retry-After."""
+    default_max_tokens: int = 256
+    """max_tokens when a request does not say."""
+    calibrate: bool = True
+    """Time a few target forwards at start to seed the adaptive policy's cost model."""
+    events_url: str | None = None
+    """streams URL for token events (kafka://..., file:///...); None: streams.default_url(); "" = off."""
+    events_topic: str | None = None
+    """Topic override (default: streams' token-events topic)."""
+    redis_url: str | None = None
+    """Redis for promotions and heartbeats; None: $SPECTUTOR_REDIS_URL; "" = off."""
+    mlflow_uri: str | None = None
+    """MLflow registry polled for the champion; None: $MLFLOW_TRACKING_URI; "" = off."""
+    lineage: str = "spectutor-draft"
+    """Registered drafter name whose champion this replica follows."""
+    swap_domain: str | None = None
+    """Promotions replace the drafter of this traffic domain only (None: the default drafter)."""
+    heartbeat_interval_s: float = 2.0
+    """How often load is written to Redis for the trainer."""
+    download_dir: str | None = None
+    """Where promoted drafters are downloaded (default: $SPECTUTOR_HOME/drafters/<replica>)."""
+    policy: "SwapPolicy" = field(default_factory=lambda: SwapPolicy())
+    """The policy at start; `reconfigure()` replaces it."""
+
+    def __post_init__(self) -> None:
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.draft_mode not in ("chain", "topk", "gumbel", "beam"):
+            raise ValueError(f"draft_mode must be chain, topk, gumbel or beam, got {self.draft_mode!r}")
+        _speculation(self.speculation)
+        for name in ("max_batch", "max_waiting", "default_max_tokens", "draft_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if not isinstance(self.policy, SwapPolicy):
+            raise ValueError(f"policy must be a SwapPolicy, got {type(self.policy).__name__}")
+
+    @property
+    def model_id(self) -> str:
+        """The name clients use for this model."""
+        return self.served_model_name or self.model
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "ServeConfig":
+        """Build from a YAML/JSON mapping (unknown keys are an error naming them)."""
+        raw = dict(raw)
+        if "policy" in raw and not isinstance(raw["policy"], SwapPolicy):
+            raw["policy"] = SwapPolicy.from_dict(raw["policy"] or {})
+        return _from_dict(cls, raw)
+
+
+@dataclass(frozen=True)
+class SwapPolicy:
+    """What an operator may change on running replicas (Ray Serve user_config -> reconfigure())."""
+
+    follow: bool = True
+    """Follow the lineage's alias (False: keep whatever drafter is loaded now)."""
+    alias: str = "champion"
+    """Registry alias followed."""
+    pinned_version: int | None = None
+    """Emergency pin: load exactly this registry version and ignore promotions until unpinned."""
+    speculation: str | int | None = None
+    """Override ServeConfig.speculation: "adaptive", a draft size, 0 = off; None = leave it."""
+    poll_interval_s: float = 10.0
+    """MLflow alias poll period, the fallback when Redis is silent or down."""
+
+    def __post_init__(self) -> None:
+        if not self.alias:
+            raise ValueError("alias must be non-empty")
+        if self.pinned_version is not None and (isinstance(self.pinned_version, bool)
+                                                or not isinstance(self.pinned_version, int)
+                                                or self.pinned_version < 1):
+            raise ValueError(f"pinned_version must be a registry version >= 1, got {self.pinned_version!r}")
+        if self.speculation is not None:
+            _speculation(self.speculation, "speculation")
+        if not self.poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "SwapPolicy":
+        """Build from Ray Serve's user_config (unknown keys are an error naming them)."""
+        return _from_dict(cls, dict(raw))
+
+
+def _from_dict(cls: type[T], raw: dict[str, Any]) -> T:
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise ValueError(f"{cls.__name__}: {exc}") from exc
