@@ -1,0 +1,527 @@
+"""The online distillation recipe: setup / train / checkpoint / cleanup.
+
+Events -> samples (trainer.samples) -> per-lineage hold-out (newest, never trained on) and
+recency-weighted buffer -> gradient steps on the student while serving is idle (trainer.idle)
+-> every `gate_every` steps the student is scored against the champion on the hold-out
+(trainer.distill.decide); a winner is registered in MLflow (`challenger`, then `champion`) and
+announced on Redis -> checkpoint (trainer.checkpoint) -> commit the consumer.
+
+A lineage is one drafter: the general one, or one per traffic domain. Each has its own student,
+optimiser, buffer, hold-out, champion and MLflow run.
+
+Exactly once across crashes: a checkpoint holds the consumer positions and de-dup window, the
+buffered events and the student; the consumer is committed only after it. On restart, records
+before the checkpoint's positions (or in its window) are dropped, so none is absorbed twice.
+Set SPECTUTOR_TRAINER_FAULT=after_checkpoint[:N] to SIGKILL the process right after the Nth
+checkpoint is durable and before its commit (the crash test does).
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from drafters.draft_lm import DraftModel, draft_from_target, load_draft, save_draft
+from moe.loader import DEFAULT_MODEL
+from streams import DEFAULT_TOPIC, Delivery, TokenEvent, decode_event, default_url, encode, open_consumer
+from trainer import checkpoint as ckpt
+from trainer.distill import EvalMetrics, GateConfig, decide, distill_loss, evaluate
+from trainer.drift import DriftConfig, DriftMonitor
+from trainer.idle import IdleConfig, LoadWatcher, Preempted
+from trainer.losses import LossName
+from trainer.router import Router
+from trainer.samples import Holdout, RecencyBuffer, Sample, collate, sample_from_event
+from trainer.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+GENERAL = "general"
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Everything one trainer process needs; defaults are the measured ones (bench/online.py)."""
+
+    target: str = DEFAULT_MODEL
+    """Target model (the draft is cut from it when a lineage has no champion yet)."""
+    events_url: str | None = None
+    """Event log URL (kafka://..., file://...); default streams.default_url()."""
+    topic: str = DEFAULT_TOPIC
+    """Topic of token events."""
+    group: str = "spectutor-trainer"
+    """Consumer group."""
+    state_dir: str = str(Path(os.environ.get("SPECTUTOR_HOME", Path.home() / ".cache" / "spectutor")) / "trainer")
+    """Checkpoints live here."""
+    draft_layers: int = 4
+    """Layers of the target a fresh draft keeps."""
+    domains: tuple[str, ...] = ()
+    """One lineage per listed domain; () trains one general lineage on all traffic."""
+    general: bool = True
+    """Keep a general lineage for traffic no listed domain claims (always on when `domains` is empty)."""
+    lineage_tag: str | None = None
+    """Inserted in registered names (spectutor-draft-<tag>-<domain>), e.g. the target's name."""
+    loss: LossName = "fkl"
+    """fkl, rkl, jsd (generalised, with jsd_beta), osd_jsd (0.9 FKL + 0.1 RKL) or tvd."""
+    jsd_beta: float = 0.5
+    """beta of the generalised JSD."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant, as in OSD)."""
+    batch_size: int = 8
+    """Samples per gradient step."""
+    max_len: int = 512
+    """Tokens of prompt + output kept per sample."""
+    all_weight: float = 1.0
+    """Loss weight of every supervised position."""
+    rejected_weight: float = 0.0
+    """Extra loss weight of positions where a draft token was rejected (OSD trains on those only)."""
+    bonus_is_rejected: bool = False
+    """Treat bonus-token positions like rejected ones (what OSD's code does)."""
+    buffer_size: int = 512
+    """Samples a lineage's buffer keeps."""
+    half_life: float = 128.0
+    """Recency half-life of the buffer's draws, in arrivals."""
+    holdout_size: int = 32
+    """Newest samples per lineage held out for the gate."""
+    train_every: int = 4
+    """New samples a lineage needs before its next round of steps."""
+    steps_per_sample: float = 0.5
+    """Gradient steps a round runs per new sample (the replay ratio: each step draws batch_size samples)."""
+    gate_every: int = 8
+    """Steps between gate evaluations of a lineage."""
+    gate: GateConfig = field(default_factory=GateConfig)
+    checkpoint_every_s: float = 10.0
+    """Checkpoint (and commit the consumer) at least this often while events arrive."""
+    teacher: Literal["topk", "target"] = "topk"
+    """topk: the logged top-k log-probabilities (+ a tail bucket); target: recompute the full distribution."""
+    idle: IdleConfig = field(default_factory=IdleConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    redis_url: str | None = None
+    """Heartbeats and promotions; None = always idle, no announcements."""
+    redis_prefix: str = "spectutor"
+    registry: bool = True
+    """Register and promote winners in MLflow (False: in-memory champions, for offline runs)."""
+    seed: int = 0
+    max_steps: int | None = None
+    """Stop after this many steps in total (None: run until stopped)."""
+    stop_when_drained_s: float | None = None
+    """Stop once no event came for this long and no lineage has work (batch runs, tests)."""
+
+    def __post_init__(self) -> None:
+        for name in ("draft_layers", "batch_size", "max_len", "buffer_size", "holdout_size", "train_every",
+                     "gate_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr}: must be > 0")
+        if self.all_weight < 0 or self.rejected_weight < 0 or self.all_weight + self.rejected_weight == 0:
+            raise ValueError(f"all_weight={self.all_weight}, rejected_weight={self.rejected_weight}: "
+                             "must be >= 0 and not both 0")
+        if self.loss not in ("fkl", "rkl", "jsd", "osd_jsd", "tvd"):
+            raise ValueError(f"loss={self.loss!r}: must be fkl, rkl, jsd, osd_jsd or tvd")
+        if self.teacher not in ("topk", "target"):
+            raise ValueError(f"teacher={self.teacher!r}: must be topk or target")
+        if self.steps_per_sample <= 0:
+            raise ValueError(f"steps_per_sample={self.steps_per_sample}: must be > 0")
+        if self.half_life <= 0:
+            raise ValueError(f"half_life={self.half_life}: must be > 0")
+        if len(set(self.domains)) != len(self.domains) or GENERAL in self.domains:
+            raise ValueError(f"domains={self.domains}: must be distinct and not {GENERAL!r}")
+
+    @property
+    def lineage_keys(self) -> tuple[str, ...]:
+        return self.domains + ((GENERAL,) if self.general or not self.domains else ())
+
+
+@dataclass
+class LineageState:
+    """One drafter being distilled."""
+
+    key: str
+    name: str
+    student: DraftModel
+    optimizer: torch.optim.Optimizer
+    champion: DraftModel
+    champion_version: int | None
+    buffer: RecencyBuffer
+    holdout: Holdout
+    tracker: Tracker
+    step: int = 0                 # global MLflow step of this lineage
+    new_since_train: int = 0
+    promotions: int = 0
+    offsets: dict[str, list[int]] = field(default_factory=dict)  # "topic:partition" -> [first, last] since parent
+    last: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerStats:
+    """Plain counters; the CLI display and tests read them."""
+
+    events_consumed: int = 0
+    events_skipped: int = 0       # no usable sample (no top-k, empty output, a chunk)
+    already_trained: int = 0      # redelivered below the checkpoint's positions
+    steps: int = 0
+    preemptions: int = 0
+    promotions: int = 0
+    rejections: int = 0
+    checkpoints: int = 0
+    busy: bool = False
+    lag_s: float = 0.0
+    collapsed: tuple[str, ...] = ()
+    last_decision: str = ""
+
+
+class Trainer:
+    """setup() -> train() -> cleanup(); checkpoint() whenever the state should become durable."""
+
+    def __init__(self, cfg: TrainerConfig, tracker_factory: Callable[[], Tracker] | None = None,
+                 on_progress: Callable[["Trainer"], None] | None = None):
+        self.cfg = cfg
+        self.tracker_factory = tracker_factory or NullTracker
+        self.on_progress = on_progress
+        self.stats = TrainerStats()
+        self.lineages: dict[str, LineageState] = {}
+        self.router = Router()
+        self.drift = DriftMonitor(cfg.drift)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.stop_event = threading.Event()
+        self._events: dict[str, bytes] = {}  # wire bytes of every event held in a buffer or hold-out
+        self._resume_offsets: dict[str, int] = {}
+        self._positions: dict[str, int] = {}
+        self._pending_ids: list[str] = []
+        self._faults = 0
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Threads, registry, Redis, lineages (from the last checkpoint if any), consumer, load watcher."""
+        cfg = self.cfg
+        torch.set_num_threads(cfg.idle.threads)
+        torch.manual_seed(cfg.seed)
+        from trainer.lineage import registered_name
+
+        self.registry = None
+        if cfg.registry:
+            from trainer.lineage import Lineage
+
+            self.registry = Lineage()
+        self.bus = None
+        if cfg.redis_url:
+            from streams.redis_bus import RedisBus, RedisConfig
+
+            self.bus = RedisBus(cfg.redis_url, RedisConfig(prefix=cfg.redis_prefix))
+        found = ckpt.latest(Path(cfg.state_dir))
+        state = found[1] if found else {}
+        self._base: DraftModel | None = None
+        for key in cfg.lineage_keys:
+            name = registered_name(None if key == GENERAL else key, cfg.lineage_tag)
+            info = state.get("lineages", {}).get(key)
+            self.lineages[key] = self._open_lineage(key, name, found[0] / key if found and info else None, info)
+        if found:
+            self._restore(found[0], state)
+        self.consumer = open_consumer(cfg.events_url or default_url(), cfg.group, topic=cfg.topic,
+                                      dedup_state=base64.b64decode(state["dedup"]) if state.get("dedup") else None)
+        self.watcher = LoadWatcher(self.bus.heartbeats if self.bus else None, cfg.idle)
+        self._unguard = [self.watcher.guard(lin.student) for lin in self.lineages.values()]
+        self._last_ckpt = time.monotonic()
+
+    def _base_draft(self) -> DraftModel:
+        if self._base is None:
+            self._base = draft_from_target(self.cfg.target, self.cfg.draft_layers, max_len=self.cfg.max_len)
+        return copy.deepcopy(self._base)
+
+    def _open_lineage(self, key: str, name: str, folder: Path | None, info: dict | None) -> LineageState:
+        cfg = self.cfg
+        version = info.get("champion_version") if info else None
+        champion = None
+        if self.registry is not None:
+            current = self.registry.by_alias(name) if info is None else (
+                self.registry.get(name, version) if version is not None else None)
+            if current is not None:
+                champion, _ = load_draft(self.registry.fetch(current, Path(cfg.state_dir) / "registry"),
+                                         max_len=cfg.max_len)
+                version = current.version
+        champion = champion or self._base_draft()
+        if folder is not None:
+            student, _ = load_draft(folder, max_len=cfg.max_len)
+        else:
+            student = copy.deepcopy(champion)
+        student.train()
+        champion.eval()
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        if folder is not None and (folder / "optim.pt").is_file():
+            opt.load_state_dict(torch.load(folder / "optim.pt", weights_only=True))
+        tracker = self.tracker_factory()
+        params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("gate", "idle", "drift")}
+        params.update({f"gate.{k}": v for k, v in dataclasses.asdict(cfg.gate).items()})
+        first = tracker.start(name, params, {"lineage": key, "target": cfg.target,
+                                             "champion_version": str(version)})
+        lin = LineageState(key, name, student, opt, champion, version, RecencyBuffer(cfg.buffer_size, cfg.half_life),
+                           Holdout(cfg.holdout_size), tracker)
+        if info:
+            lin.new_since_train, lin.promotions = info["new_since_train"], info["promotions"]
+            lin.offsets = info["offsets"]
+        lin.step = max(first, info["step"] + 1 if info else 0)
+        return lin
+
+    def _restore(self, folder: Path, state: dict) -> None:
+        self.stats.events_consumed = state["events_consumed"]
+        self.stats.steps = state["steps"]
+        self._resume_offsets = dict(state["positions"])
+        self._positions = dict(state["positions"])
+        if state.get("router"):
+            self.router = Router.from_json(state["router"])
+        raw = list(ckpt.unframe((folder / "events.bin").read_bytes()))
+        for (key, where), data in zip(state["held"], raw):
+            ev = decode_event(data)
+            sample = sample_from_event(ev, self.cfg.max_len)
+            lin = self.lineages.get(key)
+            if sample is None or lin is None:
+                continue
+            self._events[ev.event_id] = data
+            (lin.holdout.items.append(sample) if where == "holdout" else lin.buffer.add(sample))
+
+    # ---- consuming -----------------------------------------------------------------------------
+    def _lineage_for(self, ev: TokenEvent) -> LineageState | None:
+        domain = ev.domain if ev.domain in self.cfg.domains else None
+        if domain is None and self.cfg.domains:
+            routed = self.router.route(ev.prompt_ids)
+            domain = routed if routed in self.cfg.domains else None
+        return self.lineages.get(domain or GENERAL)
+
+    def absorb(self, d: Delivery) -> None:
+        """Take one delivered event into the state (hold-out first; what it pushes out goes to training)."""
+        where = f"{d.topic}:{d.partition}"
+        if d.offset < self._resume_offsets.get(where, 0):
+            self.stats.already_trained += 1
+            return
+        self._positions[where] = d.offset + 1
+        ev = d.event
+        self.stats.events_consumed += 1
+        self._pending_ids.append(ev.event_id)
+        self.stats.lag_s = max(0.0, time.time() - ev.created_at)
+        if ev.domain:
+            self.router.learn(ev.prompt_ids, ev.domain)
+            self.drift.observe(ev.domain, int(ev.step_accepted.sum()), int(ev.step_proposed.sum()))
+        lin = self._lineage_for(ev)
+        sample = sample_from_event(ev, self.cfg.max_len) if lin is not None else None
+        if sample is None:
+            self.stats.events_skipped += 1
+            return
+        span = lin.offsets.setdefault(where, [d.offset, d.offset])
+        span[1] = d.offset
+        self._events[ev.event_id] = encode(ev)
+        out = lin.holdout.push(sample)
+        if out is not None:
+            lin.buffer.add(out)
+            lin.new_since_train += 1
+
+    # ---- training ------------------------------------------------------------------------------
+    def _ready(self, lin: LineageState) -> bool:
+        if len(lin.buffer) == 0:
+            return False
+        drifting = lin.key != GENERAL and self.drift.drifting(lin.key) and lin.new_since_train > 0
+        return lin.new_since_train >= self.cfg.train_every or drifting
+
+    def train_step(self, lin: LineageState) -> bool:
+        """One gradient step on a recency-weighted draw; False if serving load preempted it."""
+        cfg = self.cfg
+        samples = lin.buffer.draw(cfg.batch_size, self.rng)
+        batch = collate(samples, cfg.all_weight, cfg.rejected_weight, cfg.bonus_is_rejected)
+        start = time.perf_counter()
+        lin.optimizer.zero_grad(set_to_none=True)
+        try:
+            loss, metrics = distill_loss(lin.student, batch, cfg.loss, cfg.jsd_beta, self._teacher_model())
+            loss.backward()
+        except Preempted:
+            lin.optimizer.zero_grad(set_to_none=True)
+            self.stats.preemptions += 1
+            return False
+        torch.nn.utils.clip_grad_norm_(lin.student.parameters(), 1.0)  # as OSD (HF max_grad_norm)
+        lin.optimizer.step()
+        took = time.perf_counter() - start
+        self.stats.steps += 1
+        metrics.update({"data/events_consumed": float(self.stats.events_consumed), "data/lag_s": self.stats.lag_s,
+                        "data/buffer": float(len(lin.buffer)), "perf/samples_per_s": len(samples) / took,
+                        "perf/tokens_per_s": float(batch.attention_mask.sum()) / took,
+                        "idle/preemptions": float(self.stats.preemptions)})
+        if lin.key in self.drift.domains:
+            metrics["serving/acceptance"] = self.drift.value(lin.key)
+        lin.tracker.log(metrics, lin.step)
+        lin.last.update(metrics)
+        lin.step += 1
+        return True
+
+    def _teacher_model(self):
+        if self.cfg.teacher != "target":
+            return None
+        if getattr(self, "_target", None) is None:
+            from moe.loader import load_model
+
+            self._target = load_model(self.cfg.target, with_tokenizer=False, fast_kernels=False,
+                                      max_len=self.cfg.max_len).model
+        return self._target
+
+    def gate(self, lin: LineageState) -> bool:
+        """Score student vs champion on the hold-out; register, promote and announce a winner."""
+        held = list(lin.holdout.items)
+        if len(held) < self.cfg.gate.min_samples:
+            return False
+        champ = evaluate(lin.champion, held, self.cfg.gate.spec_len)
+        chall = evaluate(lin.student, held, self.cfg.gate.spec_len)
+        verdict = decide(champ, chall, self.cfg.gate)
+        self.stats.last_decision = f"{lin.key}: {'promote' if verdict.promote else 'keep'} ({verdict.reason})"
+        metrics = {**chall.as_dict("eval/"), **champ.as_dict("eval/champion_"), "eval/promoted": float(verdict.promote)}
+        lin.tracker.log(metrics, max(lin.step - 1, 0))
+        lin.last.update(metrics)
+        if not verdict.promote:
+            self.stats.rejections += 1
+            return False
+        self._promote(lin, champ, chall)
+        return True
+
+    def _promote(self, lin: LineageState, champ: EvalMetrics, chall: EvalMetrics) -> None:
+        version = None
+        if self.registry is not None:
+            import tempfile
+
+            from trainer.lineage import CHALLENGER, promotion_message
+
+            with tempfile.TemporaryDirectory(prefix="challenger-", dir=self.cfg.state_dir) as tmp:
+                sha = save_draft(lin.student, tmp, f"{lin.name}@step{lin.step}")
+                tags = {"parent_version": str(lin.champion_version), "kafka_offsets": lin.offsets,
+                        "domains": [lin.key], "sha256": sha, "trained_steps": lin.step,
+                        "gate": {**chall.as_dict(""), "champion_acceptance": champ.acceptance,
+                                 "champion_accepted_length": champ.accepted_length}}
+                v = self.registry.register(lin.name, tmp, run_id=lin.tracker.run_id, tags=tags, alias=CHALLENGER)
+            v = self.registry.promote(lin.name, v.version)
+            version = v.version
+            if self.bus is not None:
+                self.bus.publish_promotion(promotion_message(v))
+        lin.champion = copy.deepcopy(lin.student).eval()
+        lin.champion_version = version
+        lin.promotions += 1
+        lin.offsets = {}
+        self.stats.promotions += 1
+        log.info("%s: promoted version %s (acceptance %.4f -> %.4f)", lin.name, version, champ.acceptance,
+                 chall.acceptance)
+        self.checkpoint()
+
+    def train(self) -> TrainerStats:
+        """Consume and train until stopped, max_steps, or drained (stop_when_drained_s)."""
+        cfg = self.cfg
+        last_event = time.monotonic()
+        while not self.stop_event.is_set():
+            work = any(self._ready(lin) for lin in self.lineages.values())
+            deliveries = self.consumer.poll(timeout_s=0.05 if work else 0.5)
+            for d in deliveries:
+                self.absorb(d)
+            if deliveries:
+                last_event = time.monotonic()
+            self.stats.busy = self.watcher.busy
+            self.stats.collapsed = tuple(k for k in self.drift.domains if self.drift.collapsed(k))
+            if not self.watcher.busy:
+                for lin in self.lineages.values():
+                    if self._ready(lin) and not self._round(lin):
+                        break
+            if self._pending_ids and time.monotonic() - self._last_ckpt >= cfg.checkpoint_every_s:
+                self.checkpoint()
+            if self.on_progress:
+                self.on_progress(self)
+            if cfg.max_steps is not None and self.stats.steps >= cfg.max_steps:
+                break
+            idle_for = time.monotonic() - last_event
+            if cfg.stop_when_drained_s is not None and idle_for >= cfg.stop_when_drained_s and not work:
+                break
+        self.checkpoint()
+        return self.stats
+
+    def _round(self, lin: LineageState) -> bool:
+        """ceil(new samples x steps_per_sample) steps (gating every gate_every); False if preempted."""
+        for _ in range(max(1, math.ceil(lin.new_since_train * self.cfg.steps_per_sample))):
+            if not self.train_step(lin):
+                self.watcher.wait_idle(self.stop_event)
+                return False
+            if lin.step % self.cfg.gate_every == 0:
+                self.gate(lin)
+            if self.cfg.max_steps is not None and self.stats.steps >= self.cfg.max_steps:
+                break
+        lin.new_since_train = 0
+        return True
+
+    # ---- checkpoint / cleanup ------------------------------------------------------------------
+    def checkpoint(self) -> Path:
+        """Make the state durable (atomic), then commit the consumer (see the module docstring)."""
+        d = ckpt.begin(Path(self.cfg.state_dir), self.stats.steps)
+        held, records, lineages = [], [], {}
+        for key, lin in self.lineages.items():
+            sha = save_draft(lin.student, d / key, f"{lin.name}@step{lin.step}")
+            torch.save(lin.optimizer.state_dict(), d / key / "optim.pt")
+            lineages[key] = {"name": lin.name, "student_sha256": sha, "champion_version": lin.champion_version,
+                             "step": lin.step, "new_since_train": lin.new_since_train, "promotions": lin.promotions,
+                             "offsets": lin.offsets}
+            for where, samples in (("buffer", [s for _, s in lin.buffer.items]), ("holdout", lin.holdout.items)):
+                for s in samples:
+                    held.append((key, where))
+                    records.append(self._events[s.event_id])
+        alive = {s.event_id for lin in self.lineages.values()
+                 for s in [x for _, x in lin.buffer.items] + list(lin.holdout.items)}
+        self._events = {k: v for k, v in self._events.items() if k in alive}
+        (d / "events.bin").write_bytes(ckpt.frame(records))
+        state = {"events_consumed": self.stats.events_consumed, "steps": self.stats.steps,
+                 "positions": self._positions, "dedup": base64.b64encode(self.consumer.dedup_state()).decode(),
+                 "router": self.router.to_json(), "lineages": lineages, "held": held}
+        final = ckpt.commit(Path(self.cfg.state_dir), d, self.stats.steps, state)
+        self.stats.checkpoints += 1
+        trace = os.environ.get("SPECTUTOR_TRAINER_TRACE")
+        if trace and self._pending_ids:
+            with open(trace, "a") as fh:
+                fh.write("".join(f"{i}\n" for i in self._pending_ids))
+                fh.flush()
+                os.fsync(fh.fileno())
+        self._pending_ids = []
+        self._fault_point()
+        self.consumer.commit()
+        if self.bus is not None:
+            self.bus.put_blob("router", self.router.to_json().encode())
+        self._last_ckpt = time.monotonic()
+        return final
+
+    def _fault_point(self) -> None:
+        fault = os.environ.get("SPECTUTOR_TRAINER_FAULT", "")
+        if fault.startswith("after_checkpoint"):
+            self._faults += 1
+            nth = int(fault.split(":")[1]) if ":" in fault else 1
+            if self._faults >= nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def cleanup(self) -> None:
+        """Stop the watcher, end the runs, leave the consumer group (state is already durable)."""
+        self.watcher.close()
+        for undo in self._unguard:
+            undo()
+        for lin in self.lineages.values():
+            lin.tracker.end()
+        self.consumer.close()
+        if self.bus is not None:
+            self.bus.close()
+
+
+def run(cfg: TrainerConfig, tracker_factory: Callable[[], Tracker] | None = None,
+        on_progress: Callable[[Trainer], None] | None = None) -> TrainerStats:
+    """The whole recipe, cleanup guaranteed."""
+    trainer = Trainer(cfg, tracker_factory, on_progress)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()
