@@ -563,7 +563,7 @@ def test_trainer_runs_spectutor_train_with_its_state_on_a_volume(builds):
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
         assert "/opt/spectutor/trainer" in mounts  # $SPECTUTOR_HOME/trainer = TrainerConfig.state_dir's default
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
-    assert re.search(r"^ENV .*SPECTUTOR_HOME=/opt/spectutor\b", dockerfile, re.M)
+    assert re.search(r"^ENV (?:[^\n]*\\\n)*[^\n]*\bSPECTUTOR_HOME=/opt/spectutor\b", dockerfile, re.M)
     assert '"SPECTUTOR_HOME"' in (REPO / "trainer" / "recipe.py").read_text()
     assert re.search(r'"train"', (REPO / "spectutor" / "cli.py").read_text()), "spectutor has no train subcommand"
 
