@@ -365,6 +365,23 @@ def test_rayservice_head_and_workers(builds):
         for g in groups:
             assert 1 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], overlay
             assert g["rayStartParams"]["metrics-export-port"] == "8080"
+        for group in [head] + groups:
+            spec = group["template"]["spec"]
+            res = spec["containers"][0]["resources"]
+            # KubeRay gives Ray the pod's CPU count from the limit; without one Ray sees the node's cores.
+            assert res["limits"]["cpu"] == res["requests"]["cpu"], overlay
+            shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+            assert [m["mountPath"] for m in spec["containers"][0]["volumeMounts"] if m["name"] == shm[0]["name"]] == ["/dev/shm"]
+            store = int(group["rayStartParams"]["object-store-memory"])
+            assert store < _bytes(shm[0]["emptyDir"]["sizeLimit"]) < _bytes(res["limits"]["memory"]), overlay
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
 
 
 # ---- Strimzi: topics, node pools, and what the code uses ----------------------------------------
