@@ -12,8 +12,9 @@ optimiser, buffer, hold-out, champion and MLflow run.
 Exactly once across crashes: a checkpoint holds the consumer positions and de-dup window, the
 buffered events and the student; the consumer is committed only after it. On restart, records
 before the checkpoint's positions (or in its window) are dropped, so none is absorbed twice.
-Set SPECTUTOR_TRAINER_FAULT=after_checkpoint[:N] to SIGKILL the process right after the Nth
-checkpoint is durable and before its commit (the crash test does).
+Set SPECTUTOR_TRAINER_FAULT=after_checkpoint[:N] to stop right after the Nth checkpoint is durable
+and before its commit: the process SIGKILLs itself, or, with SPECTUTOR_TRAINER_FAULT_MARKER=<path>,
+writes that file and waits to be killed (the crash test kills it from outside).
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ class TrainerConfig:
     """Topic of token events."""
     group: str = "spectutor-trainer"
     """Consumer group."""
+    poll_records: int = 256
+    """Events one poll takes at most (between two chances to train and checkpoint)."""
     state_dir: str = str(Path(os.environ.get("SPECTUTOR_HOME", Path.home() / ".cache" / "spectutor")) / "trainer")
     """Checkpoints live here."""
     draft_layers: int = 4
@@ -119,7 +122,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for name in ("draft_layers", "batch_size", "max_len", "buffer_size", "holdout_size", "train_every",
-                     "gate_every"):
+                     "gate_every", "poll_records"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.lr <= 0:
@@ -159,7 +162,7 @@ class LineageState:
     step: int = 0                 # global MLflow step of this lineage
     new_since_train: int = 0
     promotions: int = 0
-    offsets: dict[str, list[int]] = field(default_factory=dict)  # "topic:partition" -> [first, last] since parent
+    offsets: dict[str, list[int]] = field(default_factory=dict)  # "topic:partition" -> [first, last] absorbed
     last: dict[str, float] = field(default_factory=dict)
 
 
@@ -170,6 +173,7 @@ class TrainerStats:
     events_consumed: int = 0
     events_skipped: int = 0       # no usable sample (no top-k, empty output, a chunk)
     already_trained: int = 0      # redelivered below the checkpoint's positions
+    duplicates: int = 0           # redelivered and dropped by the consumer's de-dup window
     steps: int = 0
     preemptions: int = 0
     promotions: int = 0
@@ -219,6 +223,7 @@ class Trainer:
             from streams.redis_bus import RedisBus, RedisConfig
 
             self.bus = RedisBus(cfg.redis_url, RedisConfig(prefix=cfg.redis_prefix))
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         found = ckpt.latest(Path(cfg.state_dir))
         state = found[1] if found else {}
         self._base: DraftModel | None = None
@@ -229,6 +234,7 @@ class Trainer:
         if found:
             self._restore(found[0], state)
         self.consumer = open_consumer(cfg.events_url or default_url(), cfg.group, topic=cfg.topic,
+                                      max_poll_records=cfg.poll_records,
                                       dedup_state=base64.b64decode(state["dedup"]) if state.get("dedup") else None)
         self.watcher = LoadWatcher(self.bus.heartbeats if self.bus else None, cfg.idle)
         self._unguard = [self.watcher.guard(lin.student) for lin in self.lineages.values()]
@@ -410,7 +416,6 @@ class Trainer:
         lin.champion = copy.deepcopy(lin.student).eval()
         lin.champion_version = version
         lin.promotions += 1
-        lin.offsets = {}
         self.stats.promotions += 1
         log.info("%s: promoted version %s (acceptance %.4f -> %.4f)", lin.name, version, champ.acceptance,
                  chall.acceptance)
@@ -428,6 +433,7 @@ class Trainer:
             if deliveries:
                 last_event = time.monotonic()
             self.stats.busy = self.watcher.busy
+            self.stats.duplicates = self.consumer.stats().duplicates
             self.stats.collapsed = tuple(k for k in self.drift.domains if self.drift.collapsed(k))
             if not self.watcher.busy:
                 for lin in self.lineages.values():
@@ -497,12 +503,18 @@ class Trainer:
         return final
 
     def _fault_point(self) -> None:
+        """Test hook between a durable checkpoint and its commit (see the module docstring)."""
         fault = os.environ.get("SPECTUTOR_TRAINER_FAULT", "")
-        if fault.startswith("after_checkpoint"):
-            self._faults += 1
-            nth = int(fault.split(":")[1]) if ":" in fault else 1
-            if self._faults >= nth:
-                os.kill(os.getpid(), signal.SIGKILL)
+        if not fault.startswith("after_checkpoint"):
+            return
+        self._faults += 1
+        if self._faults < (int(fault.split(":")[1]) if ":" in fault else 1):
+            return
+        marker = os.environ.get("SPECTUTOR_TRAINER_FAULT_MARKER")
+        if not marker:
+            os.kill(os.getpid(), signal.SIGKILL)
+        Path(marker).write_text(str(self.stats.events_consumed))
+        time.sleep(3600)  # wait for the test to SIGKILL this process
 
     def cleanup(self) -> None:
         """Stop the watcher, end the runs, leave the consumer group (state is already durable)."""

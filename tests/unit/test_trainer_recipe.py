@@ -58,6 +58,22 @@ def test_recipe_trains_promotes_checkpoints_and_resumes(tmp_path, tiny_model, ev
         t2.cleanup()
 
 
+def test_a_checkpoint_whose_weights_changed_is_refused(tmp_path, tiny_model) -> None:
+    cfg = _cfg(tmp_path, tiny_model("llama"), stop_when_drained_s=0.1)
+    t = Trainer(cfg)
+    t.setup()
+    try:
+        folder = t.checkpoint()
+    finally:
+        t.cleanup()
+    weights = folder / "general" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="sha256"):
+        ckpt.latest(Path(cfg.state_dir))
+
+
 def test_config_errors_name_the_field(tmp_path, tiny_model) -> None:
     with pytest.raises(ValueError, match="batch_size=0"):
         _cfg(tmp_path, tiny_model("llama"), batch_size=0)
