@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=96)
     _drafter_args(p)
     p.set_defaults(func=cmd_demo)
+
+    from spectutor.train_cmd import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
