@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     from spectutor.train_cmd import add_parsers
 
     add_parsers(sub)
+
+    from spectutor.serve_cmd import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
