@@ -108,3 +108,33 @@ def test_drift_and_collapse_are_detected() -> None:
     for _ in range(20):
         m.observe("code", 1, 10)
     assert m.collapsed("code")
+
+
+def test_per_domain_lineages_train_apart_and_unlabelled_traffic_is_routed(tmp_path, tiny_model) -> None:
+    folder = tiny_model("llama")
+    chat = served_events(folder, 16, seed=7, domain="chat", pool=4, vocab=(0, 128), new_tokens=16)
+    code = served_events(folder, 16, seed=8, domain="code", pool=4, vocab=(128, 256), new_tokens=16)
+    cfg = _cfg(tmp_path, folder, domains=("chat", "code"), general=False, holdout_size=4,
+               gate=GateConfig(min_samples=4, min_positions=32, margin=0.01, spec_len=3))
+    prod = open_producer(cfg.events_url)
+    for a, b in zip(chat, code):
+        prod.publish(a)
+        prod.publish(b)
+    prod.close()
+    t = Trainer(cfg)
+    t.setup()
+    try:
+        t.train()
+        lins = t.lineages
+        assert set(lins) == {"chat", "code"}
+        ids = {d: {ev.event_id for ev in evs} for d, evs in (("chat", chat), ("code", code))}
+        for d, lin in lins.items():
+            held = [s.event_id for _, s in lin.buffer.items] + [s.event_id for s in lin.holdout.items]
+            assert len(held) == 16 and set(held) <= ids[d]  # each lineage saw only its own domain
+            assert lin.step > 0
+        assert lins["chat"].name.endswith("-chat") and lins["code"].name.endswith("-code")
+        # An unlabelled request goes where its prompt tokens say.
+        unlabelled = dataclasses.replace(code[0], domain=None)
+        assert t._lineage_for(unlabelled) is lins["code"]
+    finally:
+        t.cleanup()
