@@ -67,7 +67,7 @@ def _cfg(tmp: Path, target: Path, url: str, topic: str, tag: str, prefix: str, r
 
 
 def test_better_challenger_is_registered_promoted_and_announced_worse_one_is_not(
-        tmp_path, tiny_model, events, services) -> None:
+        tmp_path, tiny_model, events, services, capsys) -> None:
     tag = f"it{uuid.uuid4().hex[:8]}"
     topic, prefix = f"trainer-{tag}", f"tr{tag}"
     url = _publish(services, events, topic, tmp_path / "spill")
@@ -113,6 +113,18 @@ def test_better_challenger_is_registered_promoted_and_announced_worse_one_is_not
         assert not t.gate(lin)
         assert [v.version for v in reg.versions(name)] == before
         assert reg.by_alias(name).version == champion.version
+        # The CLI lists versions with aliases and gate metrics, and rolls the champion back.
+        from spectutor.cli import main as cli
+
+        assert cli(["drafters", "list", name]) == 0
+        listed = capsys.readouterr().out
+        assert f"v{champion.version}" in listed and "champion" in listed and "acc " in listed
+        if stats.promotions >= 2:
+            assert cli(["drafters", "rollback", name, "--redis-url", services["SPECTUTOR_REDIS_URL"],
+                        "--redis-prefix", prefix]) == 0
+            assert reg.by_alias(name).version < champion.version
+        assert cli(["drafters", "rollback", "no-such-drafter"]) == 2
+        assert "no-such-drafter" in capsys.readouterr().err
     finally:
         t.cleanup()
         sub.close()
@@ -182,3 +194,31 @@ def test_trainer_killed_between_checkpoint_and_commit_resumes_exactly_once(
     keys = list(r.scan_iter(match=f"{prefix}:*"))
     if keys:
         r.delete(*keys)
+
+
+def test_redis_heartbeats_pause_training_within_one_second(services) -> None:
+    from streams.redis_bus import RedisBus, RedisConfig
+    from streams.schema import Heartbeat
+    from trainer.idle import IdleConfig, LoadWatcher
+
+    prefix = f"tr{uuid.uuid4().hex[:8]}"
+    bus = RedisBus(services["SPECTUTOR_REDIS_URL"], RedisConfig(prefix=prefix, heartbeat_ttl_s=2.0))
+    watcher = LoadWatcher(bus.heartbeats, IdleConfig(max_busy=1, poll_s=0.2))
+    try:
+        assert not watcher.busy
+        assert bus.heartbeat(Heartbeat("replica-0", running=1, tokens_per_s=20.0, queue_depth=0))
+        time.sleep(0.5)
+        assert not watcher.busy  # within the threshold: keep training
+        assert bus.heartbeat(Heartbeat("replica-1", running=2, tokens_per_s=20.0, queue_depth=1))
+        start = time.monotonic()
+        while not watcher.busy and time.monotonic() - start < 2:
+            time.sleep(0.01)
+        assert watcher.busy and time.monotonic() - start < 1.0
+        assert watcher.wait_idle(timeout_s=5.0)  # heartbeats expire (TTL): idle again
+    finally:
+        watcher.close()
+        bus.close()
+        r = redis.Redis.from_url(services["SPECTUTOR_REDIS_URL"])
+        keys = list(r.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            r.delete(*keys)
