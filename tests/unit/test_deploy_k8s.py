@@ -304,8 +304,14 @@ def test_serve_yaml_is_reachable_inside_the_cluster():
     or the RayService's serve Service (port 8000) and the readiness probe reach nothing."""
     cfg = yaml.safe_load(_serve_yaml().read_text())
     http = cfg.get("http_options") or {}
-    assert http.get("host", "0.0.0.0") == "0.0.0.0", "http_options.host must be 0.0.0.0 (or unset) for Kubernetes"
+    # Ray Serve starts its proxies with these options when KubeRay submits serveConfigV2: loopback would
+    # leave spectutor-serve-svc and every probe with nothing to reach.
+    assert http.get("host", "0.0.0.0") == "0.0.0.0", \
+        f"deploy/serve.yaml: http_options.host is {http['host']!r}; the RayService needs 0.0.0.0 (or unset)"
     assert int(http.get("port", 8000)) == 8000
+    # The worker pods' readiness probe and KubeRay's serve Service expect a proxy on every node.
+    assert cfg.get("proxy_location", "EveryNode") == "EveryNode", \
+        f"deploy/serve.yaml: proxy_location is {cfg['proxy_location']!r}; worker pods need a proxy (EveryNode)"
     apps = cfg["applications"]
     assert apps and all(a["import_path"] for a in apps)
     for app in apps:

@@ -17,8 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SPECTUTOR_SERVICES = ("ray-head", "trainer")
-# Read by Ray or Kafka's tools, not by spectutor's code; set nowhere today, listed so that adding one is deliberate.
-THIRD_PARTY_ENV: set[str] = set()
+# Read by Ray, not by spectutor's code; listed so that adding one is deliberate.
+THIRD_PARTY_ENV = {"RAY_ADDRESS"}  # ray.init() joins the cluster `ray start --head` made in the same container
 
 
 @pytest.fixture(scope="module")
