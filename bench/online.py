@@ -2,7 +2,7 @@
 
 Target SmolLM2-135M-Instruct; the draft is the default draft LM (its first 4 layers, cut).
 1. Teacher outputs: every request of the stream and every held-out prompt is answered once by the
-   real target (greedy, the engine with prompt lookup, which is lossless) with its top-8
+   real target (greedy, the engine, batched plain decoding) with its top-8
    log-probabilities logged, exactly as serving would emit it (serving.events). Cached on disk.
 2. The stream: ShareGPT requests, then a switch to HumanEval requests (train splits; HumanEval's
    123 train problems repeat once exhausted, as real traffic repeats). Three drafts see it:
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.decode import machine  # noqa: E402
 from drafters.draft_lm import DraftLMDrafter, draft_from_target  # noqa: E402
-from drafters.lookup import PromptLookup  # noqa: E402
+from drafters.base import NoDrafter  # noqa: E402
 from moe.generate import SamplingParams  # noqa: E402
 from moe.loader import DEFAULT_MODEL, encode_prompt, load_model  # noqa: E402
 from serving.engine import Engine, EngineConfig, Request  # noqa: E402
@@ -69,7 +69,8 @@ def teacher_events(lm, todo: list[tuple[str, str, list[int]]], new_tokens: int, 
         have = dict(zip(json.loads(index.read_text()), unframe(cache.read_bytes())))
     missing = [(d, i, ids) for d, i, ids in todo if i not in have]
     if missing:
-        engine = Engine(lm.model, PromptLookup(), EngineConfig(max_batch=8, max_len=1024, speculation=4, topk_log=8),
+        # Plain batched decoding: at batch 8 on a CPU, drafting costs more than it saves.
+        engine = Engine(lm.model, NoDrafter(), EngineConfig(max_batch=8, max_len=1024, speculation=0, topk_log=8),
                         eos_ids=lm.eos_token_ids)
         bar = tqdm(total=len(missing), desc="teacher outputs (target, greedy)")
         for at in range(0, len(missing), 8):
@@ -128,8 +129,6 @@ def measure_speedup(lm, drafts: dict[str, object], prompts_he: list[list[int]], 
         drafter = None if model is None else DraftLMDrafter(copy.deepcopy(model).eval(), name, max_batch=1,
                                                             max_len=1024, cost_hint=0.15)
         spec = 0 if drafter is None else "adaptive"
-        from drafters.base import NoDrafter
-
         engine = Engine(lm.model, drafter or NoDrafter(), EngineConfig(max_batch=1, max_len=1024, speculation=spec))
         tokens, seconds, forwards = 0, 0.0, 0
         for ids in prompts_he:
@@ -143,6 +142,78 @@ def measure_speedup(lm, drafts: dict[str, object], prompts_he: list[list[int]], 
     base = out["none"]["tokens_per_s"]
     for v in out.values():
         v["speedup_vs_none"] = v["tokens_per_s"] / base
+    return out
+
+
+def _trainer_proc(cache: Path, layers: int, gated: bool, redis_url: str | None, prefix: str, stop, steps) -> None:
+    """Interference run: train the draft on cached teacher events in a loop, one thread, optionally
+    gated by Redis heartbeats (trainer.idle) as `spectutor train` is."""
+    import types
+
+    from streams.redis_bus import RedisBus, RedisConfig
+    from trainer.idle import IdleConfig, LoadWatcher, Preempted
+
+    torch.set_num_threads(1)
+    samples = [x for x in (sample_from_event(decode_event(b), 512) for b in unframe(cache.read_bytes())) if x]
+    model = draft_from_target(DEFAULT_MODEL, layers, max_len=1024).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    args = types.SimpleNamespace(all_weight=1.0, rejected_weight=0.0, loss="fkl")
+    watcher = LoadWatcher(RedisBus(redis_url, RedisConfig(prefix=prefix)).heartbeats if gated else None,
+                          IdleConfig(max_busy=0, poll_s=0.1))
+    watcher.guard(model)
+    rng = np.random.default_rng(0)
+    while not stop.is_set():
+        try:
+            train_step(model, opt, [samples[i] for i in rng.choice(len(samples), 4, replace=False)], args)
+            steps.value += 1
+        except Preempted:
+            watcher.wait_idle()
+
+
+def measure_interference(lm, cache: Path, prompt_ids: list[list[int]], new_tokens: int, gap_s: float,
+                         layers: int) -> dict:
+    """Serving latency p50/p99 (batch 1, `gap_s` idle between requests) with no trainer, a trainer that
+    ignores load, and a trainer gated by the replica's heartbeats (Redis at $SPECTUTOR_REDIS_URL)."""
+    import multiprocessing as mp
+    import os
+    import uuid
+
+    from drafters.base import NoDrafter
+    from streams.redis_bus import RedisBus, RedisConfig
+    from streams.schema import Heartbeat
+
+    redis_url = os.environ.get("SPECTUTOR_REDIS_URL")
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    bus = RedisBus(redis_url, RedisConfig(prefix=prefix, heartbeat_ttl_s=5.0)) if redis_url else None
+    engine = Engine(lm.model, NoDrafter(), EngineConfig(max_batch=1, max_len=1024, speculation=0))
+    out = {}
+    modes = ["none", "ungated"] + (["gated"] if bus else [])
+    ctx = mp.get_context("spawn")
+    for mode in modes:
+        stop, steps = ctx.Event(), ctx.Value("i", 0)
+        proc = None
+        if mode != "none":
+            proc = ctx.Process(target=_trainer_proc, args=(cache, layers, mode == "gated", redis_url, prefix, stop, steps))
+            proc.start()
+            time.sleep(25)  # model load and first steps
+        lat = []
+        start_steps = steps.value
+        for ids in tqdm(prompt_ids, desc=f"serving latency, trainer: {mode}"):
+            if bus:
+                bus.heartbeat(Heartbeat("bench", running=1, tokens_per_s=0.0, queue_depth=0))
+            engine.add_request(Request("lat", tuple(ids), SamplingParams(max_new_tokens=new_tokens)))
+            t = time.perf_counter()
+            engine.run_to_completion()
+            lat.append(time.perf_counter() - t)
+            if bus:
+                bus.heartbeat(Heartbeat("bench", running=0, tokens_per_s=0.0, queue_depth=0))
+            time.sleep(gap_s)
+        trained = steps.value - start_steps
+        stop.set()
+        if proc is not None:
+            proc.join(30)
+        out[mode] = {"p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+                     "mean_s": float(np.mean(lat)), "trainer_steps_during": trained}
     return out
 
 
@@ -186,12 +257,17 @@ def main() -> int:
     ap.add_argument("--half-life", type=float, default=128.0)
     ap.add_argument("--speedup-prompts", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="40 + 60 requests, 8 held-out, 32 tokens: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="24 + 48 requests, 6 held-out, 32 tokens: a smoke run")
+    ap.add_argument("--interference", action="store_true",
+                    help="only measure serving latency with and without a trainer (needs the teacher cache)")
+    ap.add_argument("--latency-requests", type=int, default=12)
+    ap.add_argument("--gap-s", type=float, default=1.0)
     ap.add_argument("--tag", default="cpu-fp32")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "spectutor" / "bench")
     args = ap.parse_args()
     if args.quick:
-        args.sharegpt, args.humaneval, args.heldout, args.new_tokens, args.eval_every = 40, 60, 8, 32, 20
+        args.sharegpt, args.humaneval, args.heldout, args.new_tokens, args.eval_every = 24, 48, 6, 32, 12
+        args.max_prompt = 256
         args.speedup_prompts = 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -206,8 +282,16 @@ def main() -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"{DEFAULT_MODEL}-{args.new_tokens}-{args.max_prompt}".encode()).hexdigest()[:12]
     t0 = time.perf_counter()
-    wire = teacher_events(lm, list(todo.values()), args.new_tokens, args.cache / f"online-teacher-{key}.bin")
+    cache = args.cache / f"online-teacher-{key}.bin"
+    wire = teacher_events(lm, list(todo.values()), args.new_tokens, cache)
     teacher_s = time.perf_counter() - t0
+    if args.interference:
+        ids = [ids for _, ids in (held["sharegpt"] + held["humaneval"])][: args.latency_requests]
+        res = {"machine": machine(), "requests": len(ids), "new_tokens": args.new_tokens, "gap_s": args.gap_s,
+               "latency": measure_interference(lm, cache, ids, args.new_tokens, args.gap_s, args.draft_layers)}
+        (ROOT / "bench" / "results" / f"online-interference-{args.tag}.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return 0
     sample = {i: sample_from_event(decode_event(b), 1024) for i, b in wire.items()}
     held_samples = {d: [sample[i] for i, _ in held[d] if sample[i] is not None] for d in held}
 

@@ -107,7 +107,7 @@ def _table(trainer):
         t.add_column(col)
     for lin in trainer.lineages.values():
         g = lin.last.get
-        t.add_row(lin.key, str(lin.champion_version), str(lin.step), str(len(lin.buffer)), str(len(lin.holdout)),
+        t.add_row(lin.key, "-" if lin.champion_version is None else f"v{lin.champion_version}", str(lin.step), str(len(lin.buffer)), str(len(lin.holdout)),
                   f"{g('train/loss', float('nan')):.4f}", f"{g('eval/acceptance', float('nan')):.3f}",
                   f"{g('eval/champion_acceptance', float('nan')):.3f}", f"{g('perf/samples_per_s', 0.0):.1f}")
     t.caption = st.last_decision + (f"  COLLAPSED: {', '.join(st.collapsed)}" if st.collapsed else "")

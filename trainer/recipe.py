@@ -434,7 +434,11 @@ class Trainer:
                 last_event = time.monotonic()
             self.stats.busy = self.watcher.busy
             self.stats.duplicates = self.consumer.stats().duplicates
-            self.stats.collapsed = tuple(k for k in self.drift.domains if self.drift.collapsed(k))
+            collapsed = tuple(k for k in self.drift.domains if self.drift.collapsed(k))
+            for k in set(collapsed) - set(self.stats.collapsed):
+                log.warning("domain %s: served acceptance collapsed to %.3f (best %.3f)", k, self.drift.value(k),
+                            self.drift.domains[k].best)
+            self.stats.collapsed = collapsed
             if not self.watcher.busy:
                 for lin in self.lineages.values():
                     if self._ready(lin) and not self._round(lin):
