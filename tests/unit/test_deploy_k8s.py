@@ -365,7 +365,8 @@ def test_rayservice_head_and_workers(builds):
         assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
         assert head["rayStartParams"]["metrics-export-port"] == "8080"
         ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-        assert ports == {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080}
+        # KubeRay's port names: it builds the head Service from them and adds any default it misses.
+        assert ports == {"redis": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080}
         groups = cluster["workerGroupSpecs"]
         assert groups
         for g in groups:
