@@ -251,3 +251,12 @@ def test_dockerfile_targets_user_and_model(dockerfile):
     assert int(mlflow_version.split(".")[0]) >= 3
     # wget: KubeRay's default liveness/readiness probes on Ray pods exec it.
     assert re.search(r"apt-get install[^\n]*\bwget\b", dockerfile)
+
+
+def test_one_kafka_version_everywhere(compose):
+    pom = re.search(r"<kafka.version>([^<]+)</kafka.version>", (DEPLOY / "local" / "pom.xml").read_text()).group(1)
+    strimzi = yaml.safe_load((DEPLOY / "k8s" / "base" / "kafka.yaml").read_text())["spec"]["kafka"]
+    assert strimzi["version"] == pom
+    assert strimzi["metadataVersion"].startswith(".".join(pom.split(".")[:2]) + "-IV")
+    for name in ("kafka", "kafka-topics"):
+        assert compose["services"][name]["image"] == f"apache/kafka:{pom}"
