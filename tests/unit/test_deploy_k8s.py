@@ -1,16 +1,14 @@
 """deploy/k8s: every manifest parses and has what its kind requires; the overlays build; what the
 manifests say agrees with the code (topic names, env vars, Serve config, ports, Ray version).
 
-No cluster here: overlays are built by a small kustomize in this file (resources, components,
-generators, JSON 6902 patches, images, namespace: the features deploy/k8s uses, and a build fails on
-any other). Where kubectl is installed its own kustomize builds them too and must give the same objects.
+No cluster here: overlays are built by deploy/k8s/kbuild.py, a small kustomize for the features this
+bundle uses (it fails on any other). Where kubectl is installed its own kustomize builds them too and
+must give the same objects.
 """
 from __future__ import annotations
 
-import base64
 import copy
 import importlib.util
-import json
 import re
 import shutil
 import subprocess
@@ -38,6 +36,9 @@ def _load(name: str, path: Path):
 
 
 SCHEMAS = _load("deploy_k8s_schemas", K8S / "schemas.py").SCHEMAS
+RENDER = _load("deploy_k8s_render", K8S / "render.py")
+KBUILD = _load("deploy_k8s_kbuild", K8S / "kbuild.py")
+build, json_patch, walk_containers = KBUILD.build, KBUILD.json_patch, KBUILD.walk_containers
 for _schema in SCHEMAS.values():
     jsonschema.Draft202012Validator.check_schema(_schema)
 VALIDATORS = {key: jsonschema.Draft202012Validator(schema) for key, schema in SCHEMAS.items()}
@@ -48,123 +49,6 @@ def validate(doc: dict[str, Any]) -> None:
     key = (doc.get("apiVersion"), doc.get("kind"))
     assert key in VALIDATORS, f"no schema for {key}; add one to deploy/k8s/schemas.py"
     VALIDATORS[key].validate(doc)
-RENDER = _load("deploy_k8s_render", K8S / "render.py")
-
-
-# ---- a small kustomize ---------------------------------------------------------------------------
-
-KNOWN_KEYS = {"apiVersion", "kind", "namespace", "resources", "components", "patches", "images",
-              "secretGenerator", "configMapGenerator", "generatorOptions"}
-
-
-def _unescape(token: str) -> str:
-    return token.replace("~1", "/").replace("~0", "~")
-
-
-def json_patch(doc: Any, ops: list[dict[str, Any]]) -> None:
-    """RFC 6902 add / replace / remove, in place."""
-    for op in ops:
-        *parents, last = [_unescape(t) for t in op["path"].lstrip("/").split("/")]
-        node = doc
-        for token in parents:
-            node = node[int(token)] if isinstance(node, list) else node[token]
-        kind = op["op"]
-        if isinstance(node, list):
-            index = len(node) if last == "-" else int(last)
-            if kind == "add":
-                node.insert(index, copy.deepcopy(op["value"]))
-            elif kind == "replace":
-                node[index] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del node[index]
-            else:
-                raise ValueError(f"unsupported op {kind}")
-        else:
-            if kind in ("replace", "remove") and last not in node:
-                raise KeyError(f"{op['path']}: no such member for {kind}")
-            if kind in ("add", "replace"):
-                node[last] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del node[last]
-            else:
-                raise ValueError(f"unsupported op {kind}")
-
-
-def _walk_containers(node: Any):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                yield from value
-            else:
-                yield from _walk_containers(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _walk_containers(item)
-
-
-def _generated(kind: str, gen: dict[str, Any], folder: Path) -> dict[str, Any]:
-    pairs: dict[str, str] = {}
-    for literal in gen.get("literals", []):
-        key, _, value = literal.partition("=")
-        pairs[key] = value
-    for env in gen.get("envs", []):
-        for line in (folder / env).read_text().splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                key, _, value = line.partition("=")
-                pairs[key.strip()] = value
-    assert set(gen) <= {"name", "literals", "envs"}, f"{folder}: unsupported generator fields {set(gen)}"
-    if kind == "Secret":
-        data = {k: base64.b64encode(v.encode()).decode() for k, v in pairs.items()}
-        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": gen["name"]}, "type": "Opaque", "data": data}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": pairs}
-
-
-def build(folder: Path) -> list[dict[str, Any]]:
-    """The objects `kustomize build folder` emits, for the subset of kustomize deploy/k8s uses."""
-    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    unknown = set(kust) - KNOWN_KEYS
-    assert not unknown, f"{folder}: kustomization fields this test cannot build: {unknown}"
-    docs: list[dict[str, Any]] = []
-    for res in kust.get("resources", []):
-        path = folder / res
-        if path.is_dir():
-            docs += build(path)
-        else:
-            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    for comp in kust.get("components", []):
-        ckust = yaml.safe_load((folder / comp / "kustomization.yaml").read_text())
-        assert ckust["kind"] == "Component" and set(ckust) <= {"apiVersion", "kind", "patches"}
-        _apply_patches(docs, ckust.get("patches", []), folder / comp)
-    gens = [("Secret", g) for g in kust.get("secretGenerator", [])]
-    gens += [("ConfigMap", g) for g in kust.get("configMapGenerator", [])]
-    if gens:
-        assert kust.get("generatorOptions", {}).get("disableNameSuffixHash") is True, \
-            f"{folder}: generated names must be fixed (the RayService's references are not rewritten)"
-        docs += [_generated(kind, g, folder) for kind, g in gens]
-    _apply_patches(docs, kust.get("patches", []), folder)
-    for image in kust.get("images", []):
-        for container in _walk_containers(docs):
-            repo, _, _tag = container["image"].partition(":")
-            if repo == image["name"]:
-                container["image"] = f"{image.get('newName', repo)}:{image['newTag']}"
-    if "namespace" in kust:
-        for d in docs:
-            d["metadata"]["namespace"] = kust["namespace"]
-    return docs
-
-
-def _apply_patches(docs: list[dict[str, Any]], patches: list[dict[str, Any]], folder: Path) -> None:
-    for p in patches:
-        assert set(p) <= {"target", "patch", "path"}, f"{folder}: unsupported patch fields {set(p)}"
-        ops = yaml.safe_load(p["patch"] if "patch" in p else (folder / p["path"]).read_text())
-        assert isinstance(ops, list), f"{folder}: only JSON 6902 patches (a list of ops) are supported"
-        target = p["target"]
-        assert set(target) <= {"kind", "name"}, f"{folder}: unsupported target fields {set(target)}"
-        hits = [d for d in docs if d["kind"] == target["kind"]
-                and ("name" not in target or d["metadata"]["name"] == target["name"])]
-        assert hits, f"{folder}: patch target {target} matches nothing"
-        for d in hits:
-            json_patch(d, ops)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +134,15 @@ def test_schemas_reject_what_they_should():
     rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].pop("image")
     with pytest.raises(jsonschema.ValidationError):
         validate(rs)
+
+
+def test_kbuild_refuses_what_it_cannot_build(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nhelmCharts: [{name: x}]\n")
+    with pytest.raises(ValueError, match="helmCharts"):
+        build(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text("patches: [{target: {kind: Service}, patch: '[]'}]\n")
+    with pytest.raises(ValueError, match="matches nothing"):
+        build(tmp_path)
 
 
 def test_json_patch_semantics():
@@ -602,7 +495,7 @@ def test_trainer_runs_spectutor_train_with_its_state_on_a_volume(builds):
 def test_images_are_dockerfile_targets(builds):
     targets = set(re.findall(r"^FROM \S+ AS (\S+)$", (REPO / "deploy" / "Dockerfile").read_text(), re.M))
     for docs in (builds["dev"],):  # dev keeps the local image names
-        for c in _walk_containers(docs):
+        for c in walk_containers(docs):
             repo = c["image"].split(":")[0]
             if repo.startswith("spectutor-"):
                 assert repo.removeprefix("spectutor-") in targets, c["image"]
