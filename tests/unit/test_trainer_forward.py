@@ -108,3 +108,27 @@ def test_buffer_recency_and_holdout_time_split() -> None:
     hold = Holdout(2)
     assert hold.push(samples[0]) is None and hold.push(samples[1]) is None
     assert hold.push(samples[2]) is samples[0]  # the oldest leaves the held-out window first
+
+
+def test_recomputed_full_teacher_and_topk_teacher_agree_where_they_should(tiny_model) -> None:
+    from trainer.distill import distill_loss
+
+    folder = tiny_model("llama")
+    target = load_model(str(folder), with_tokenizer=False, fast_kernels=False).model
+    whole = draft_from_target(str(folder), 3, max_len=512)   # every layer: the target itself
+    part = draft_from_target(str(folder), 1, max_len=512)
+    s = sample_from_event(_event(vocab=256), 64)
+    # A teacher row set that is really the target's: recompute top-8 from the target.
+    b = collate([s])
+    logp = causal_logits(target, b.input_ids, b.attention_mask)[b.seq, b.pos].log_softmax(-1)
+    top = logp.topk(8, dim=-1)
+    b.topk_ids, b.topk_logprobs = top.indices, top.values
+    for teacher in (None, target):
+        same, _ = distill_loss(whole, b, "fkl", target=teacher)
+        assert same.item() == pytest.approx(0.0, abs=1e-4)
+        worse, _ = distill_loss(part, b, "fkl", target=teacher)
+        assert worse.item() > 0.01
+    # The top-k + tail support loses information, never invents it: its FKL is at most the full one.
+    full, _ = distill_loss(part, b, "fkl", target=target)
+    coarse, _ = distill_loss(part, b, "fkl")
+    assert coarse.item() <= full.item() + 1e-5
