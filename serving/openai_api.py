@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context; larger bodies get 413
 GREEDY_BELOW = 1e-3       # temperatures under this decode greedily (dividing logits by ~0 overflows)
+MIN_TOP_P = 1e-6          # smaller top_p values are raised to this (same result: the top token only)
 
 
 # ---- request models ------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ class Completer:
 
     async def generate(self, kind: str, body: dict[str, Any]) -> AsyncIterator[Head | str]:
         """Head first (with the whole body unless streaming), then SSE lines ending in [DONE]."""
-        from serving.service import Overloaded, new_request_id
+        from serving.service import EngineFailed, Overloaded, new_request_id
 
         try:
             req = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
@@ -266,6 +267,9 @@ class Completer:
         except Overloaded as exc:
             yield Head(429, {"Retry-After": str(max(1, round(exc.retry_after_s)))},
                        error_body(str(exc), "rate_limit_error", code="overloaded"))
+            return
+        except EngineFailed as exc:
+            yield Head(503, {"Retry-After": "5"}, error_body(str(exc)[:2000], "server_error", code="engine_failed"))
             return
         except ValueError as exc:  # SamplingParams, pydantic: the body's values
             yield Head(400, {}, error_body(str(exc)[:2000], code="invalid_value"))
@@ -324,7 +328,10 @@ class Completer:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {max_len}",
                            param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
         temperature = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
-        params = SamplingParams(temperature=temperature, top_k=req.top_k, top_p=req.top_p,
+        # A top_p under float32's reach becomes 0 in the sampler and drops every token (NaN law);
+        # any top_p this small keeps only the most likely token anyway.
+        top_p = max(req.top_p, MIN_TOP_P)
+        params = SamplingParams(temperature=temperature, top_k=req.top_k, top_p=top_p,
                                 max_new_tokens=min(max_tokens or self.default_max_tokens, max_len - len(ids)),
                                 seed=req.seed)
         domain = (req.metadata or {}).get("domain")

@@ -142,9 +142,9 @@ class EngineService:
         Bad requests (empty, too long, ids out of range) come back as a Failed item first, with the
         engine's own ContextTooLongError / ValueError, before any token.
         """
-        if self.error is not None:
-            raise EngineFailed(f"the engine failed: {self.error!r}")
-        with self._wake:
+        with self._wake:  # the engine thread sets `error` under this lock: no stream is left unanswered
+            if self.error is not None or self._stop:
+                raise EngineFailed(f"the engine is not running: {self.error!r}")
             waiting = self.stats.waiting + self._pending_adds
             if waiting >= self.max_waiting:
                 self.stats.rejected += 1
@@ -214,7 +214,8 @@ class EngineService:
                     self._step()
         except BaseException as exc:  # noqa: BLE001 - report it to every waiter, then die
             log.exception("engine thread failed")
-            self.error = exc
+            with self._wake:
+                self.error = exc
             self._fail_all(EngineFailed(f"the engine failed: {exc!r}"))
 
     def _apply(self, inbox: deque[tuple[str, Any]]) -> None:
@@ -301,7 +302,8 @@ class EngineService:
             _call_soon(loop, _put_all, [(stream, item)])
 
     def _fail_all(self, exc: BaseException) -> None:
-        streams, self._streams = self._streams, {}
+        with self._wake:
+            streams, self._streams = self._streams, {}
         for loop, stream in streams.values():
             self.stats.failed += 1
             _call_soon(loop, _put_all, [(stream, Failed(exc))])
