@@ -1,0 +1,195 @@
+"""The engine thread and its streams without HTTP: swaps between steps, engine failure mid-stream,
+drafter checks, the metrics sink's formulas, config validation."""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from drafters.base import NoDrafter
+from moe.generate import SamplingParams
+from serving.config import ServeConfig, SwapPolicy
+from serving.engine import Engine, EngineConfig, Request
+from serving.service import Done, EngineService, Failed, Tokens
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model):
+    from moe.loader import load_model
+
+    folder = tiny_model("llama")
+    return folder, load_model(str(folder), with_tokenizer=False).model
+
+
+def _draft(folder: Path, version: str):
+    from drafters.draft_lm import DraftLMDrafter, draft_from_target
+
+    return DraftLMDrafter(draft_from_target(str(folder), 1, max_len=256), version, max_batch=4, max_len=256)
+
+
+async def _collect(service: EngineService, requests: list[Request], during=None) -> dict[str, list]:
+    streams = [service.submit(r) for r in requests]
+    out: dict[str, list] = defaultdict(list)
+    if during is not None:
+        await during()
+
+    async def drain(s):
+        while True:
+            item = await s.get()
+            out[s.request_id].append(item)
+            if isinstance(item, (Done, Failed)):
+                return
+
+    await asyncio.gather(*(drain(s) for s in streams))
+    return out
+
+
+def test_swaps_land_between_steps_and_greedy_output_is_unchanged(target):
+    folder, model = target
+    prompts = [tuple(range(3 + i, 12 + i)) for i in range(4)]
+    params = SamplingParams(max_new_tokens=24)
+    plain = Engine(model, NoDrafter(), EngineConfig(max_batch=4, max_len=256, speculation=0))
+    for i, p in enumerate(prompts):
+        plain.add_request(Request(str(i), p, params))
+    ref = {f.request_id: f.output_ids for f in plain.run_to_completion()}
+
+    service = EngineService(Engine(model, _draft(folder, "1"), EngineConfig(max_batch=4, max_len=256,
+                                                                             speculation=2)))
+    try:
+        async def swap_twice():
+            for v in ("2", "3"):
+                await asyncio.sleep(0.01)
+                await asyncio.wrap_future(service.swap_drafter(lambda _cur, v=v: _draft(folder, v)))
+
+        out = asyncio.run(_collect(service, [Request(str(i), p, params) for i, p in enumerate(prompts)],
+                                   swap_twice))
+    finally:
+        service.close()
+    pairs = []
+    for rid, items in out.items():
+        done = items[-1]
+        assert isinstance(done, Done)
+        assert done.finished.output_ids == ref[rid]                      # lossless across swaps
+        assert sum(len(i.tokens) for i in items if isinstance(i, Tokens)) == len(ref[rid])
+        assert len(done.step_numbers) == len(done.finished.steps)
+        pairs += [(n, int(s.drafter_version)) for n, s in zip(done.step_numbers, done.finished.steps)]
+    versions = [v for _, v in sorted(pairs)]
+    assert versions == sorted(versions) and versions[-1] == 3            # never backwards, swaps happened
+
+
+class _Exploding(NoDrafter):
+    name, version = "boom", "9"
+
+    def budgets(self):
+        return (1,)
+
+    def propose(self, requests):
+        raise RuntimeError("drafter exploded")
+
+
+def test_engine_failure_ends_streams_with_an_error_chunk_and_later_requests_get_503(target):
+    from serving.openai_api import Completer, Head
+
+    folder, model = target
+
+    class Tok:
+        def encode(self, text):
+            return [ord(c) % 200 + 1 for c in text]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    service = EngineService(Engine(model, NoDrafter(), EngineConfig(max_batch=2, max_len=256, speculation=1)))
+    completer = Completer(service, Tok(), "tiny")
+
+    async def run():
+        gen = completer.generate("completion", {"model": "tiny", "prompt": "abc", "max_tokens": 200,
+                                                "temperature": 0, "stream": True})
+        head = await gen.__anext__()
+        lines = [await gen.__anext__()]
+        service.swap_drafter(lambda _cur: _Exploding())  # the next step raises inside the engine
+        async for line in gen:
+            lines.append(line)
+        later = [x async for x in completer.generate("completion", {"model": "tiny", "prompt": "abc"})]
+        return head, lines, later
+
+    try:
+        head, lines, later = asyncio.run(run())
+    finally:
+        service.close()
+    assert isinstance(head, Head) and head.status == 200
+    assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]\n\n"
+    assert not any('"finish_reason":"' in line for line in lines)
+    assert later[0].status == 503 and later[0].body["error"]["code"] == "engine_failed"
+    assert not service.alive
+
+
+def test_check_drafter_refuses_non_finite_weights(target):
+    from serving.swap import SwapRefused, check_drafter
+
+    folder, _ = target
+    good = _draft(folder, "1")
+    check_drafter(good, 256)
+    bad = _draft(folder, "2")
+    with torch.no_grad():
+        next(bad.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(SwapRefused, match="non-finite"):
+        check_drafter(bad, 256)
+    with pytest.raises(SwapRefused, match="outside"):
+        check_drafter(good, 8)  # a drafter whose tokens fall outside the target's vocabulary
+
+
+def test_metrics_sink_follows_vllm_formulas():
+    from serving.metrics import MetricsSink
+    from serving.service import ServiceStats
+
+    class Metric:
+        def __init__(self, name, description="", tag_keys=(), boundaries=None):
+            self.name, self.values = name, defaultdict(float)
+
+        def inc(self, v=1.0, tags=None):
+            self.values[tuple(sorted((tags or {}).items()))] += v
+
+        def set(self, v, tags=None):
+            self.values[tuple(sorted((tags or {}).items()))] = v
+
+        def observe(self, v, tags=None):
+            self.values[()] += 1
+
+    class Module:
+        Counter = Gauge = Histogram = Metric
+
+    st = ServiceStats(drafts=10, draft_tokens=30, accepted_tokens=12, accepted_per_position=[7, 4, 1],
+                      output_tokens=22, finished=3)
+    st.latencies.extend([(0.1, 0.01, 8), (0.2, None, 1)])
+    sink = MetricsSink(lambda: {**{k: getattr(st, k) for k in ("drafts", "draft_tokens", "accepted_tokens",
+                                                                 "output_tokens", "finished", "aborted", "rejected",
+                                                                 "failed", "running", "waiting")},
+                                "accepted_per_position": list(st.accepted_per_position), "swaps": 2,
+                                "swap_failures": 1, "drafter_version": "4", "event_drops": 0},
+                       lambda: [st.latencies.popleft() for _ in range(len(st.latencies))], Module, "draft")
+    sink.update()
+    per_pos = {dict(k)["position"]: v for k, v in sink.per_pos.values.items()}
+    assert sum(per_pos.values()) == sink.counters["spec_decode_num_accepted_tokens"].values[()] == 12
+    assert sink.mean_acceptance.values[()] == pytest.approx(1 + 12 / 10)
+    assert sink.version_info.values[(("drafter", "draft"), ("version", "4"))] == 1
+    assert sink.ttft.values[()] == 2 and sink.tpot.values[()] == 1
+    st.accepted_tokens += 3
+    st.accepted_per_position[0] += 3
+    delta = sink.update()
+    assert delta["accepted_tokens"] == 3 and sink.counters["spec_decode_num_accepted_tokens"].values[()] == 15
+
+
+def test_configs_name_the_bad_field():
+    assert SwapPolicy.from_dict({"pinned_version": 3}).pinned_version == 3
+    with pytest.raises(ValueError, match="pinned_version"):
+        SwapPolicy.from_dict({"pinned_version": 0})
+    with pytest.raises(ValueError, match="poll_intervall_s"):
+        SwapPolicy.from_dict({"poll_intervall_s": 1})
+    with pytest.raises(ValueError, match="max_batch"):
+        ServeConfig.from_dict({"max_batch": 0})
+    cfg = ServeConfig.from_dict({"policy": {"speculation": 0}})
+    assert cfg.policy.speculation == 0
