@@ -96,7 +96,10 @@ class DrafterLoader:
         got = weights_sha256(folder)
         if got != v.sha256:  # fetch checked it; a cached folder could have been altered since
             raise SwapRefused(f"{name} v{version}: weights sha256 {got[:12]} != {v.sha256[:12]}")
-        drafter = self.build(folder, str(version))
+        try:
+            drafter = self.build(folder, str(version))
+        except Exception as exc:  # corrupt or misshapen checkpoint: final for this version
+            raise SwapRefused(f"{name} v{version}: cannot load: {type(exc).__name__}: {exc}") from exc
         model = getattr(drafter, "model", None)
         if model is not None and model.cfg.vocab_size != self.vocab_size:
             raise SwapRefused(f"{name} v{version}: vocabulary {model.cfg.vocab_size} != target's {self.vocab_size}")
@@ -116,6 +119,7 @@ class DrafterSwapper:
         self.policy = policy
         self.stats = SwapStats(version=initial_version)
         self._jobs: Queue = Queue()
+        self._refused: set[int] = set()
         self._stop = threading.Event()
         self._watcher = None
         self._worker = threading.Thread(target=self._run, name="spectutor-swapper", daemon=True)
@@ -194,9 +198,13 @@ class DrafterSwapper:
         elif not policy.follow:
             return
         assert version is not None
-        if str(version) == self.stats.version:
-            return
-        self._swap_to(version, sha)
+        if str(version) == self.stats.version or version in self._refused:
+            return  # a refused version stays refused: polls must not re-download it every period
+        try:
+            self._swap_to(version, sha)
+        except SwapRefused:
+            self._refused.add(version)  # downloads and outages are retried; a bad artifact is not
+            raise
 
     def _swap_to(self, version: int, sha: str | None) -> None:
         drafter = self.loader.load(self.name, version, sha)
