@@ -26,10 +26,11 @@ from itertools import islice
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# This file is bench/serving.py: drop bench/ from the path so `serving` is the package, not this script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from machine_info import cpu_name  # noqa: E402
+from bench.machine_info import cpu_name  # noqa: E402
 
 
 def load_requests(n: int) -> list[dict]:

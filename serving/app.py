@@ -61,10 +61,17 @@ class EngineServer:
             await asyncio.sleep(METRICS_PERIOD_S)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Ray Serve user_config -> SwapPolicy; raises only for a malformed policy."""
-        policy = SwapPolicy.from_dict(user_config or {})
-        self.replica.reconfigure(policy)  # never raises; swaps happen on the swapper's thread
+        """Ray Serve user_config -> SwapPolicy. Never raises: a raise here would stop this replica and
+        crash-loop its replacements, so a malformed policy is logged and counted and the previous one
+        stays (build_app already refuses a malformed user_config at deploy time)."""
         self._ensure_metrics_task()
+        try:
+            policy = SwapPolicy.from_dict(user_config or {})
+        except ValueError as exc:
+            self.replica.config_errors += 1
+            log.error("ignoring user_config %r: %s", user_config, exc)
+            return
+        self.replica.reconfigure(policy)  # never raises; loads happen on the swapper's thread
 
     async def generate(self, kind: str, body: dict[str, Any]) -> AsyncIterator[Head | str]:
         """Head, then SSE lines (see serving.openai_api.Completer.generate)."""
@@ -81,6 +88,7 @@ class EngineServer:
                 "swaps": sw.stats.swaps if sw else 0, "swap_failures": sw.stats.failures if sw else 0,
                 "swap_history": sw.stats.history if sw else [], "last_swap_error": sw.stats.last_error if sw else "",
                 "finished": st.finished, "aborted": st.aborted, "steps": st.steps,
+                "config_errors": self.replica.config_errors,
                 "events_published": self.replica.publisher.published if self.replica.publisher else 0,
                 "events_dropped": self.replica.publisher.dropped if self.replica.publisher else 0}
 

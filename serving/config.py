@@ -44,8 +44,10 @@ class ServeConfig:
     """"adaptive", or a fixed draft size (0 = plain decoding)."""
     max_batch: int = 8
     """Sequences decoded together on one replica (continuous batching); KV cache slots."""
-    max_len: int | None = None
-    """Positions per sequence, prompt included (default: the model's context)."""
+    max_len: int | None = 2048
+    """Positions per sequence, prompt included, capped by the model's context (None: the whole
+    context). The KV cache holds max_batch x max_len positions from the start: SmolLM2's 8192
+    would take ~6 GB at max_batch 16."""
     max_waiting: int = 64
     """Requests queued for a slot beyond which a replica answers 429 with Retry-After."""
     default_max_tokens: int = 256

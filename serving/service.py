@@ -183,6 +183,11 @@ class EngineService:
         return self.engine.drafter
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for a slot (submitted but not yet decoding)."""
+        return self.stats.waiting + self._pending_adds
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
@@ -393,6 +398,7 @@ class Replica:
 
         self.cfg = cfg
         self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:8]}"
+        self.config_errors = 0  # user_configs refused by reconfigure()
         self.loaded = loaded = load_model(cfg.model, dtype=cfg.dtype)
         max_len = min(cfg.max_len or loaded.model.max_len, loaded.model.max_len)
         policy = cfg.policy
@@ -454,8 +460,7 @@ class Replica:
             window.append((now, st.output_tokens))
             t0, n0 = window[0]
             rate = (st.output_tokens - n0) / (now - t0) if now > t0 else 0.0
-            return Heartbeat(self.replica_id, running=st.running, tokens_per_s=rate,
-                             queue_depth=st.waiting + self.service._pending_adds)
+            return Heartbeat(self.replica_id, running=st.running, tokens_per_s=rate, queue_depth=self.service.queued)
 
         return HeartbeatSender(self.bus, sample, interval_s=cfg.heartbeat_interval_s)
 

@@ -91,7 +91,8 @@ class DrafterLoader:
 
         v = self.lineage.get(name, version)
         if expected_sha256 and v.sha256 != expected_sha256:
-            raise SwapRefused(f"{name} v{version}: promoted sha256 {expected_sha256[:12]} != registered {v.sha256[:12]}")
+            # Not SwapRefused: the message is what is wrong, not the version, which a later poll may load.
+            raise ValueError(f"{name} v{version}: promoted sha256 {expected_sha256[:12]} != registered {v.sha256[:12]}")
         folder = self.lineage.fetch(v, self.dest_root)   # raises ArtifactError on a sha256 mismatch
         got = weights_sha256(folder)
         if got != v.sha256:  # fetch checked it; a cached folder could have been altered since

@@ -193,3 +193,71 @@ def test_configs_name_the_bad_field():
         ServeConfig.from_dict({"max_batch": 0})
     cfg = ServeConfig.from_dict({"policy": {"speculation": 0}})
     assert cfg.policy.speculation == 0
+
+
+class _Registry:
+    """An in-memory stand-in for trainer.lineage.Lineage over real save_draft folders (the MLflow
+    path itself is exercised in tests/integration/test_serving_app.py)."""
+
+    def __init__(self, folders: dict[int, Path]):
+        from trainer.lineage import DrafterVersion, weights_sha256
+
+        self.folders = folders
+        self.versions = {v: DrafterVersion("lin", v, str(f), weights_sha256(f)) for v, f in folders.items()}
+        self.champion: int | None = None
+
+    def get(self, name, version):
+        return self.versions[version]
+
+    def by_alias(self, name, alias="champion"):
+        return self.versions.get(self.champion)
+
+    def fetch(self, v, dest_root):
+        return self.folders[v.version]
+
+
+def test_swapper_follows_the_alias_obeys_a_pin_and_refuses_a_corrupt_version_once(target, tmp_path):
+    from drafters.draft_lm import DraftLMDrafter, draft_from_target, load_draft, save_draft
+    from serving.swap import DrafterLoader, DrafterSwapper
+
+    folder, model = target
+    folders = {}
+    for v in (1, 2, 3):
+        folders[v] = tmp_path / f"v{v}"
+        save_draft(draft_from_target(str(folder), 1), folders[v], str(v))
+    raw = (folders[3] / "model.safetensors").read_bytes()
+    (folders[3] / "model.safetensors").write_bytes(raw[: len(raw) // 3])  # corrupt, but its sha is "registered"
+    registry = _Registry(folders)
+    registry.champion = 1
+
+    def build(f, version):
+        return DraftLMDrafter(load_draft(f, max_len=256)[0], version, max_batch=2, max_len=256)
+
+    service = EngineService(Engine(model, NoDrafter(), EngineConfig(max_batch=2, max_len=256, speculation=2)))
+    swapper = DrafterSwapper(service, DrafterLoader(registry, tmp_path / "dl", build, 256), "lin",
+                             SwapPolicy(poll_interval_s=30))
+    try:
+        assert swapper.wait_idle()
+        assert service.drafter.version == "1" and swapper.stats.swaps == 1
+        swapper.on_promotion(type("P", (), {"version": "2", "sha256": registry.versions[2].sha256})())
+        assert swapper.wait_idle() and service.drafter.version == "2"
+        swapper.set_policy(SwapPolicy(pinned_version=1, poll_interval_s=30))  # emergency pin: back to v1
+        assert swapper.wait_idle() and service.drafter.version == "1"
+        swapper.on_promotion(type("P", (), {"version": "2", "sha256": registry.versions[2].sha256})())
+        assert swapper.wait_idle() and service.drafter.version == "1"  # pinned: promotions wait
+        swapper.set_policy(SwapPolicy(poll_interval_s=30))
+        registry.champion = 3
+        swapper.poll_now()
+        swapper.poll_now()
+        assert swapper.wait_idle()
+        assert service.drafter.version == "1" and swapper.stats.failures == 1  # refused once, not per poll
+        assert "cannot load" in swapper.stats.last_error
+        wrong_sha = type("P", (), {"version": "2", "sha256": "0" * 64})()
+        swapper.on_promotion(wrong_sha)
+        assert swapper.wait_idle() and service.drafter.version == "1" and swapper.stats.failures == 2
+        registry.champion = 2
+        swapper.poll_now()  # a bad message did not blacklist the good version it named
+        assert swapper.wait_idle() and service.drafter.version == "2"
+    finally:
+        swapper.close()
+        service.close()
