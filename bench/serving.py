@@ -179,6 +179,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals, requests/s (0 = skip)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="12 requests, 32 tokens, concurrency 1 and 4, rate 1/s")
+    ap.add_argument("--note", default="", help="recorded in the result (e.g. what else ran on the machine)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     if args.quick:
@@ -200,7 +201,7 @@ def main() -> int:
                                                               if args.rate else [])
     result = {"model": args.model, "drafter": args.drafter, "max_tokens": args.max_tokens, "requests": len(reqs),
               "server": "external " + args.url if args.url else "in-process replica + FastAPI on uvicorn",
-              "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()}, "runs": []}
+              "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()}, "note": args.note, "runs": []}
     try:
         for mode in modes:
             if replica is not None:

@@ -133,6 +133,12 @@ def test_openai_client_completions_chat_and_stream(stack):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     r = httpx.post(f"{URL}/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": 9})
     assert r.status_code == 422 and r.json()["error"]["param"] == "temperature"
+    # Both replicas tell the trainer their load through Redis heartbeats.
+    replicas = set(_infos(stack["handle"]))
+    deadline = time.monotonic() + 10
+    while not replicas <= {b.replica_id for b in stack["bus"].heartbeats()} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert replicas <= {b.replica_id for b in stack["bus"].heartbeats()}
 
 
 def test_hot_swap_under_load_fails_nothing_and_stays_exact(stack):
