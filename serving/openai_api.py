@@ -280,7 +280,7 @@ class Completer:
             if isinstance(first, ApiError):
                 yield Head(first.status, first.headers, first.body())
                 return
-            headers = {"x-request-id": request.request_id, "x-drafter-version": first,
+            headers = {"x-completion-id": request.request_id, "x-drafter-version": first,
                        "x-replica-id": self.replica_id}
             if not req.stream:
                 body_out = await out.whole()

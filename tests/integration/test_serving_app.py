@@ -162,10 +162,11 @@ def test_hot_swap_under_load_fails_nothing_and_stays_exact(stack):
 
     async def promote_all() -> int:
         n = 0
-        for v in stack["versions"][1:11]:
+        for k, v in enumerate(stack["versions"][1:11]):
             await asyncio.sleep(0.4)
             promoted = await asyncio.to_thread(lineage.promote, name, v.version)
-            assert await asyncio.to_thread(bus.publish_promotion, stack["promotion_message"](promoted))
+            if k < 9:  # the last one is not announced: Redis stays silent, replicas find it by polling MLflow
+                assert await asyncio.to_thread(bus.publish_promotion, stack["promotion_message"](promoted))
             n += 1
         return n
 
@@ -196,7 +197,7 @@ def test_hot_swap_under_load_fails_nothing_and_stays_exact(stack):
         assert versions == sorted(versions)
     seen = {int(seg["version"]) for out in results for seg in out["usage"]["speculative"]["served_by"]}
     assert len(seen) >= 3  # swaps really happened while requests ran
-    assert _wait_version(stack["handle"], str(stack["versions"][10].version))
+    assert _wait_version(stack["handle"], str(stack["versions"][10].version))  # via the MLflow alias poll
     infos = _infos(stack["handle"])
     assert all(i["swap_failures"] == 0 for i in infos.values())
     # Every finished request became one event on Kafka, off the request path.
