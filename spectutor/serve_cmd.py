@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--replicas", type=int, default=None, help="override the number of engine replicas")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray cluster (default: all; ignored when RAY_ADDRESS names a cluster)")
     p.set_defaults(func=main)
 
 
@@ -49,7 +51,10 @@ def main(args: argparse.Namespace) -> int:
     host = args.host or http.get("host", "127.0.0.1")
     port = args.port or int(http.get("port", 8000))
     app = build_app(app_args)  # validates the config before Ray starts
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # join the cluster `ray start --head` made (compose, KubeRay); it owns resources and ports
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="spectutor", route_prefix="/")
