@@ -289,3 +289,18 @@ def test_schemathesis_finds_no_server_error(replica):
     assert sum(counts.values()) >= 500, counts
     assert statuses.count(200) >= 20 and {400, 404, 422} <= set(statuses), sorted(set(statuses))
     assert replica.service.alive
+
+
+def test_reconfigure_switches_speculation_off_and_on_without_raising(client, replica):
+    from serving.config import SwapPolicy
+
+    def draft_tokens() -> int:
+        c = client.completions.create(model="tiny", prompt="Switch", max_tokens=6, temperature=0)
+        return c.usage.model_extra["speculative"]["draft_tokens"]
+
+    replica.reconfigure(SwapPolicy(follow=False, speculation=0))
+    assert draft_tokens() == 0
+    replica.reconfigure(SwapPolicy(follow=False, speculation=3))
+    assert draft_tokens() > 0
+    replica.reconfigure(None)  # a policy it cannot apply: logged, never raised (Ray would kill the replica)
+    assert draft_tokens() > 0
