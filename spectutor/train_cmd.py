@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = dataclasses.asdict(stats)
     summary["lineages"] = {k: {"name": lin.name, "champion_version": lin.champion_version, "step": lin.step}
                            for k, lin in trainer.lineages.items()}
-    print(json.dumps(summary))
+    print(("\n" if live is not None else "") + json.dumps(summary))
     return 0
 
 
