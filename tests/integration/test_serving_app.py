@@ -251,6 +251,22 @@ def test_corrupt_promotion_is_refused_and_counted(stack, tmp_path):
     lineage.promote(name, stack["versions"][10].version)  # leave a loadable champion behind
 
 
+def test_client_disconnect_cancels_the_sequence_on_the_replica(stack):
+    def aborted() -> int:
+        return sum(i["aborted"] for i in _infos(stack["handle"]).values())
+
+    before = aborted()
+    with httpx.stream("POST", f"{URL}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "never mind", "max_tokens": 110, "temperature": 0, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up: Serve cancels the router, the router cancels the replica
+    deadline = time.monotonic() + 20
+    while aborted() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert aborted() == before + 1
+
+
 def test_replica_killed_mid_stream(stack):
     import ray
 
