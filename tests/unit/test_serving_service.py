@@ -261,3 +261,43 @@ def test_swapper_follows_the_alias_obeys_a_pin_and_refuses_a_corrupt_version_onc
     finally:
         swapper.close()
         service.close()
+
+
+def test_with_redis_down_promotions_arrive_by_polling_the_registry(target, tmp_path):
+    import socket
+    import time
+
+    from drafters.draft_lm import DraftLMDrafter, draft_from_target, load_draft, save_draft
+    from serving.swap import DrafterLoader, DrafterSwapper
+    from streams.redis_bus import RedisBus, RedisConfig
+
+    folder, model = target
+    folders = {}
+    for v in (1, 2):
+        folders[v] = tmp_path / f"v{v}"
+        save_draft(draft_from_target(str(folder), 1), folders[v], str(v))
+    registry = _Registry(folders)
+    registry.champion = 1
+    with socket.socket() as s:  # a port nothing listens on: Redis is down
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    bus = RedisBus(f"redis://127.0.0.1:{dead}/0", RedisConfig(socket_timeout_s=0.1))
+
+    def build(f, version):
+        return DraftLMDrafter(load_draft(f, max_len=256)[0], version, max_batch=2, max_len=256)
+
+    service = EngineService(Engine(model, NoDrafter(), EngineConfig(max_batch=2, max_len=256, speculation=2)))
+    swapper = DrafterSwapper(service, DrafterLoader(registry, tmp_path / "dl", build, 256), "lin",
+                             SwapPolicy(poll_interval_s=0.3), bus=bus)
+    try:
+        assert swapper.wait_idle() and service.drafter.version == "1"
+        registry.champion = 2  # promoted in the registry; no message can arrive
+        deadline = time.monotonic() + 10
+        while service.drafter.version != "2" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service.drafter.version == "2" and swapper.stats.failures == 0
+        assert bus.stats().redis_errors > 0
+    finally:
+        swapper.close()
+        service.close()
+        bus.close()
