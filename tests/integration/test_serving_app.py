@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 PORT = int(os.environ.get("SPECTUTOR_TEST_SERVE_PORT", "8765"))
 URL = f"http://127.0.0.1:{PORT}"
+METRICS_PORT = PORT + 1
 MAX_TOKENS = 8
 
 
@@ -64,7 +65,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
     bus = RedisBus(redis_url)
     topic = f"spectutor.it-serving-{uuid.uuid4().hex[:8]}"
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             _metrics_export_port=METRICS_PORT, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     args = dict(model=str(folder), served_model_name="tiny", drafter="draft-lm", draft_layers=1, max_batch=8,
                 max_len=128, speculation=3, calibrate=False, events_url=f"kafka://{kafka}", events_topic=topic,
@@ -221,6 +222,24 @@ def _consume_ids(stack, wanted: set[str], timeout_s: float = 60) -> set[str]:
     finally:
         consumer.close()
     return got
+
+
+def test_prometheus_metrics_are_exported(stack):
+    """The replicas' metrics reach Ray's Prometheus endpoint under vLLM-like names."""
+    wanted = ["ray_spectutor_spec_decode_num_draft_tokens", "ray_spectutor_spec_decode_num_accepted_tokens_per_pos",
+              "ray_spectutor_drafter_swaps", "ray_spectutor_time_to_first_token_seconds_bucket",
+              "ray_spectutor_num_requests_running", "ray_spectutor_drafter_version_info"]
+    text = ""
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        if all(w in text for w in wanted):
+            break
+        time.sleep(1)
+    assert all(w in text for w in wanted), [w for w in wanted if w not in text]
 
 
 def test_corrupt_promotion_is_refused_and_counted(stack, tmp_path):
