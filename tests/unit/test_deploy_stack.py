@@ -17,8 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SPECTUTOR_SERVICES = ("ray-head", "trainer")
-# Read by Ray, not by spectutor's code; listed so that adding one is deliberate.
-THIRD_PARTY_ENV = {"RAY_ADDRESS"}  # ray.init() joins the cluster `ray start --head` made in the same container
+# Read by a library, not by spectutor's code (none today; RAY_ADDRESS is read by spectutor serve itself).
+THIRD_PARTY_ENV: set[str] = set()
 
 
 @pytest.fixture(scope="module")
