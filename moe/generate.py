@@ -46,7 +46,11 @@ class SamplingParams:
 
 def probs_from_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """[..., V] logits -> [..., V] probabilities after temperature, top-k and top-p."""
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # Shift the maximum to 0 before dividing, so a tiny temperature gives -inf (not inf - inf = NaN);
+    # the floor keeps a temperature below float32's range from becoming 0 (0 / 0 = NaN).
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -55,6 +59,8 @@ def probs_from_logits(logits: Tensor, params: SamplingParams) -> Tensor:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens strictly more likely already reach top_p.
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        # The most likely token always stays, even when top_p rounds to 0 in float32.
+        drop[..., 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)

@@ -55,3 +55,13 @@ def test_sampled_first_tokens_follow_the_target_distribution(tiny_model):
     expected = probs[support].double()
     expected = expected / expected.sum() * 3000
     assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_extreme_sampling_values_keep_a_valid_distribution():
+    logits = torch.tensor([[3.0, 1.0, 2.9, -50.0], [0.0, 0.0, -1.0, 5.0]])
+    for temperature, top_p in ((1e-300, 1.0), (1.0, 1e-300), (1e-30, 1e-30), (1e6, 1e-9)):
+        probs = probs_from_logits(logits, SamplingParams(temperature=temperature, top_p=top_p))
+        assert torch.isfinite(probs).all(), (temperature, top_p)
+        assert torch.allclose(probs.sum(-1), torch.ones(2)), (temperature, top_p)
+        # With either knob at its extreme only the most likely token is left.
+        assert probs.argmax(-1).tolist() == [0, 3] and (probs.max(-1).values == 1).all(), (temperature, top_p)
