@@ -66,6 +66,9 @@ class ServeConfig:
     """Registered drafter name whose champion this replica follows."""
     swap_domain: str | None = None
     """Promotions replace the drafter of this traffic domain only (None: the default drafter)."""
+    domain_lineages: dict[str, str] = field(default_factory=dict)
+    """Per-domain drafters: domain -> registered lineage whose champion drafts that domain's requests
+    (the request's `metadata.domain`); other domains use the default drafter. Pins apply to `lineage` only."""
     heartbeat_interval_s: float = 2.0
     """How often load is written to Redis for the trainer."""
     download_dir: str | None = None
@@ -88,6 +91,11 @@ class ServeConfig:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if not isinstance(self.domain_lineages, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.domain_lineages.items()):
+            raise ValueError(f"domain_lineages must map domain names to lineage names, got {self.domain_lineages!r}")
+        if self.swap_domain is not None and self.swap_domain in self.domain_lineages:
+            raise ValueError(f"swap_domain={self.swap_domain!r} is also in domain_lineages; use one of them")
         if not isinstance(self.policy, SwapPolicy):
             raise ValueError(f"policy must be a SwapPolicy, got {type(self.policy).__name__}")
 

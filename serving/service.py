@@ -408,6 +408,11 @@ class Replica:
         dcfg = DrafterConfig(cfg.drafter, draft_layers=min(cfg.draft_layers, loaded.config.num_layers),
                              draft_mode=cfg.draft_mode)
         drafter = build_drafter(dcfg, cfg.model, loaded.config.vocab_size, cfg.max_batch, max_len, loaded.config)
+        if cfg.domain_lineages:
+            from drafters.by_domain import DomainDrafter
+
+            # Every domain starts on the default drafter; its lineage's champion replaces it there.
+            drafter = DomainDrafter(drafter)
         tok = loaded.tokenizer
         engine = Engine(loaded.model, drafter, ecfg, loaded.eos_token_ids,
                         detokenize=lambda ids: tok.decode(ids, skip_special_tokens=True))
@@ -425,6 +430,7 @@ class Replica:
         self.heartbeats = self._heartbeats(cfg) if self.bus is not None else None
         mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "") if cfg.mlflow_uri is None else cfg.mlflow_uri
         self.swapper = None
+        self.domain_swappers: dict[str, Any] = {}
         if mlflow_uri:
             from serving.swap import DrafterLoader, DrafterSwapper
             from trainer.lineage import Lineage
@@ -433,6 +439,9 @@ class Replica:
             loader = DrafterLoader(Lineage(mlflow_uri), root, self._draft_builder(max_len), loaded.config.vocab_size)
             self.swapper = DrafterSwapper(self.service, loader, cfg.lineage, policy, domain=cfg.swap_domain,
                                           bus=self.bus, initial_version=drafter.version)
+            self.domain_swappers = {
+                domain: DrafterSwapper(self.service, loader, name, _unpinned(policy), domain=domain, bus=self.bus)
+                for domain, name in sorted(cfg.domain_lineages.items())}
 
     def _publisher(self, cfg: Any) -> EventPublisher | None:
         from serving.events import event_from_finished
@@ -484,12 +493,14 @@ class Replica:
                 self.service.set_speculation(policy.speculation)
             if self.swapper is not None:
                 self.swapper.set_policy(policy)
+            for swapper in self.domain_swappers.values():
+                swapper.set_policy(_unpinned(policy))
         except Exception:  # noqa: BLE001 - reconfigure must not kill the replica
             log.exception("reconfigure failed; keeping the previous policy")
 
     def close(self) -> None:
         """Stop swaps and heartbeats, finish the engine, flush events."""
-        for part in (self.swapper, self.heartbeats):
+        for part in (self.swapper, *self.domain_swappers.values(), self.heartbeats):
             if part is not None:
                 part.close() if hasattr(part, "close") else part.stop()
         self.service.close()
@@ -497,3 +508,8 @@ class Replica:
             self.publisher.close()
         if self.bus is not None:
             self.bus.close()
+
+
+def _unpinned(policy: Any) -> Any:
+    """The policy for a per-domain lineage: an emergency pin names a version of the default lineage."""
+    return dataclasses.replace(policy, pinned_version=None)

@@ -271,6 +271,9 @@ def test_with_redis_down_promotions_arrive_by_polling_the_registry(target, tmp_p
     from serving.swap import DrafterLoader, DrafterSwapper
     from streams.redis_bus import RedisBus, RedisConfig
 
+    with pytest.raises(ValueError, match="domain_lineages"):
+        ServeConfig.from_dict({"domain_lineages": {"code": ""}})
+    assert ServeConfig.from_dict({"domain_lineages": {"code": "x"}}).domain_lineages == {"code": "x"}
     folder, model = target
     folders = {}
     for v in (1, 2):
@@ -301,3 +304,51 @@ def test_with_redis_down_promotions_arrive_by_polling_the_registry(target, tmp_p
         swapper.close()
         service.close()
         bus.close()
+
+
+def test_per_domain_lineages_swap_only_their_domain(target, tmp_path):
+    """ServeConfig.domain_lineages: one swapper per domain lineage, each replacing its domain's drafter."""
+    from drafters.by_domain import DomainDrafter
+    from drafters.draft_lm import DraftLMDrafter, draft_from_target, load_draft, save_draft
+    from serving.swap import DrafterLoader, DrafterSwapper
+
+    with pytest.raises(ValueError, match="domain_lineages"):
+        ServeConfig.from_dict({"domain_lineages": {"code": ""}})
+    assert ServeConfig.from_dict({"domain_lineages": {"code": "x"}}).domain_lineages == {"code": "x"}
+    folder, model = target
+    folders = {}
+    for v in (1, 2):
+        folders[v] = tmp_path / f"v{v}"
+        save_draft(draft_from_target(str(folder), v), folders[v], str(v))
+    general, code = _Registry({1: folders[1]}), _Registry({2: folders[2]})
+    general.champion, code.champion = 1, 2
+
+    def build(f, version):
+        return DraftLMDrafter(load_draft(f, max_len=256)[0], version, max_batch=4, max_len=256)
+
+    prompts = {"c": (tuple(range(5, 14)), "code"), "g": (tuple(range(7, 16)), None), "o": (tuple(range(9, 18)), "chat")}
+    params = SamplingParams(max_new_tokens=12)
+    plain = Engine(model, NoDrafter(), EngineConfig(max_batch=4, max_len=256, speculation=0))
+    for rid, (p, _) in prompts.items():
+        plain.add_request(Request(rid, p, params))
+    ref = {f.request_id: f.output_ids for f in plain.run_to_completion()}
+
+    service = EngineService(Engine(model, DomainDrafter(NoDrafter()),
+                                   EngineConfig(max_batch=4, max_len=256, speculation=2)))
+    policy = SwapPolicy(poll_interval_s=30)
+    swappers = [DrafterSwapper(service, DrafterLoader(general, tmp_path / "dl", build, 256), "lin", policy),
+                DrafterSwapper(service, DrafterLoader(code, tmp_path / "dl2", build, 256), "lin-code", policy,
+                               domain="code")]
+    try:
+        assert all(s.wait_idle() for s in swappers)
+        assert service.drafter.version == "default=1,code=2"
+        out = asyncio.run(_collect(service, [Request(r, p, params, domain=d) for r, (p, d) in prompts.items()]))
+        for rid, items in out.items():
+            fin = items[-1].finished
+            assert fin.output_ids == ref[rid], rid
+            want = "2" if prompts[rid][1] == "code" else "1"
+            assert {s.drafter_version for s in fin.steps} == {want}, rid
+    finally:
+        for s in swappers:
+            s.close()
+        service.close()
