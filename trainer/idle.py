@@ -1,7 +1,7 @@
 """Train only in idle compute: read replica load from Redis heartbeats, preempt within a fraction of a second.
 
 A watcher thread polls the heartbeats every `poll_s` and keeps one flag, `busy`. The recipe checks
-it between steps, and forward pre-hooks on the draft's norms (two per layer) check it inside a step: when
+it between steps, and hooks on the draft's norms (two per layer, forward and backward) check it inside a step: when
 load returns mid-step, the next layer raises `Preempted`, the step's partial gradients are dropped,
 and the trainer waits. So the pause comes within poll_s + one layer's compute, well under 1 s.
 """
@@ -84,14 +84,22 @@ class LoadWatcher:
         return True
 
     def guard(self, module: nn.Module) -> Callable[[], None]:
-        """Make every norm of `module` (two per decoder layer) raise Preempted while busy and training;
-        returns an undo. Norms, because the training forward calls them but not DecoderLayer.forward."""
+        """Make every norm of `module` (two per decoder layer) raise Preempted while busy, in the training
+        forward and in backward; returns an undo. Norms, because the training forward calls them but
+        not DecoderLayer.forward."""
         def hook(mod: nn.Module, args: object) -> None:
             if mod.training and self.busy:
                 self.preemptions += 1
                 raise Preempted("serving load returned")
 
-        handles = [m.register_forward_pre_hook(hook) for m in module.modules() if type(m).__name__ == "RMSNorm"]
+        def backward_hook(mod: nn.Module, grad_output: object) -> None:
+            if self.busy:  # backward can take longer than the forward: stop there too
+                self.preemptions += 1
+                raise Preempted("serving load returned")
+
+        norms = [m for m in module.modules() if type(m).__name__ == "RMSNorm"]
+        handles = [m.register_forward_pre_hook(hook) for m in norms]
+        handles += [m.register_full_backward_pre_hook(backward_hook) for m in norms]
         return lambda: [h.remove() for h in handles] and None
 
     def close(self) -> None:

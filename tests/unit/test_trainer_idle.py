@@ -67,3 +67,22 @@ def test_training_pauses_within_one_second_and_resumes(tiny_model) -> None:
         watcher.close()
     draft.eval()
     assert watcher.preemptions >= 1
+
+
+def test_a_backward_in_flight_is_preempted_too(tiny_model) -> None:
+    beats: list[Heartbeat] = []
+    watcher = LoadWatcher(lambda: list(beats), IdleConfig(max_busy=0, poll_s=0.1))
+    draft = draft_from_target(str(tiny_model("llama")), 2).train()
+    undo = watcher.guard(draft)
+    try:
+        ids = torch.randint(0, 256, (2, 16))
+        loss = causal_logits(draft.decoder, ids, torch.ones_like(ids)).sum()
+        watcher.busy = True  # load arrived between forward and backward
+        with pytest.raises(Preempted):
+            loss.backward()
+        watcher.busy = False
+        causal_logits(draft.decoder, ids, torch.ones_like(ids)).sum().backward()  # and training goes on
+        assert draft.decoder.layers[0].attn.qkv.weight.grad is not None
+    finally:
+        undo()
+        watcher.close()
