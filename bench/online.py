@@ -327,6 +327,7 @@ def main() -> int:
     sg_best = max(p["per_domain"]["sharegpt"]["acceptance"] for p in curve)
     sg_end = curve[-1]["per_domain"]["sharegpt"]["acceptance"]
     sg_online_end = curve[-1]["online"]["sharegpt"]["acceptance"]
+    sg_online_best = max(p["online"]["sharegpt"]["acceptance"] for p in curve)
     result = {
         "machine": machine(), "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                          "note": f"{args.sharegpt} ShareGPT + {args.humaneval} HumanEval requests, "
@@ -337,7 +338,7 @@ def main() -> int:
             "humaneval_gain_over_static": he_gain, "humaneval_gain_target": 0.15,
             "humaneval_requests_seen": args.humaneval,
             "sharegpt_per_domain_end_vs_best": sg_end - sg_best, "sharegpt_target": -0.02,
-            "sharegpt_single_online_end_vs_best": sg_online_end - sg_best,
+            "sharegpt_single_online_end_vs_its_best": sg_online_end - sg_online_best,
         },
         "end_to_end": speed, "osd_published": OSD_PUBLISHED,
     }
