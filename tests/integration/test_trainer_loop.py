@@ -140,7 +140,8 @@ def _train_proc(cfg: TrainerConfig, env: dict[str, str]) -> subprocess.Popen:
             "--train-every", "2", "--steps-per-sample", "1", "--gate-every", "4", "--lr", "1e-3",
             "--gate-min-samples", "8", "--gate-min-positions", "64", "--spec-len", "3", "--threads", "1",
             "--checkpoint-every-s", "0", "--redis-url", cfg.redis_url, "--redis-prefix", cfg.redis_prefix,
-            "--stop-when-drained", "3", "--poll-records", "8"]
+            # Longer than the Kafka session timeout (10 s): the killed member holds its partitions until then.
+            "--stop-when-drained", "15", "--poll-records", "8"]
     return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
