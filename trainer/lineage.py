@@ -79,6 +79,18 @@ def weights_sha256(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a sqlite registry under $SPECTUTOR_HOME (never ./mlflow.db in the cwd)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    from moe.loader import spectutor_home
+
+    folder = spectutor_home() / "mlflow-embedded"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 def promotion_message(v: DrafterVersion) -> Promotion:
     """The Redis announcement that `v` is champion."""
     return Promotion(name=v.name, version=str(v.version), model_uri=v.model_uri, sha256=v.sha256)
@@ -90,7 +102,7 @@ class Lineage:
     def __init__(self, tracking_uri: str | None = None):
         from mlflow import MlflowClient
 
-        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     # ---- writing -------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ crash lost steps that came after the last checkpoint.
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Protocol
 
 
@@ -49,7 +48,9 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str | None = None, step_metric: str = "train/loss"):
         from mlflow import MlflowClient
 
-        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        from trainer.lineage import default_tracking_uri
+
+        self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.run_id = None
         self.step_metric = step_metric
