@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Protocol
+from typing import Any, AsyncIterator, Callable, Literal, Protocol
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -245,8 +245,10 @@ class Completer:
     """One validated request -> engine -> OpenAI JSON or SSE lines (a Backend, run on the replica)."""
 
     def __init__(self, service: Any, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256,
-                 replica_id: str = "local", target_version: str = ""):
+                 replica_id: str = "local", target_version: str = "",
+                 route: Callable[[tuple[int, ...]], str | None] | None = None):
         self.service = service
+        self.route = route  # prompt ids -> traffic domain, for requests without metadata.domain
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
@@ -335,6 +337,8 @@ class Completer:
                                 max_new_tokens=min(max_tokens or self.default_max_tokens, max_len - len(ids)),
                                 seed=req.seed)
         domain = (req.metadata or {}).get("domain")
+        if domain is None and self.route is not None:
+            domain = self.route(tuple(ids))
         return Request(request_id, tuple(ids), params, req.stops(), domain)
 
 

@@ -419,14 +419,16 @@ class Replica:
         self.publisher = self._publisher(cfg)
         self.service = EngineService(engine, max_waiting=cfg.max_waiting, name=self.replica_id,
                                      on_finished=self.publisher.offer if self.publisher else None)
-        self.completer = Completer(self.service, tok, cfg.model_id, default_max_tokens=cfg.default_max_tokens,
-                                   replica_id=self.replica_id, target_version=loaded.name)
         redis_url = os.environ.get("SPECTUTOR_REDIS_URL", "") if cfg.redis_url is None else cfg.redis_url
         self.bus = None
         if redis_url:
             from streams.redis_bus import RedisBus
 
             self.bus = RedisBus(redis_url)
+        # Requests without metadata.domain are routed by the trainer's learned router (Redis blob).
+        self.router = RouterFromBus(self.bus) if self.bus is not None and cfg.domain_lineages else None
+        self.completer = Completer(self.service, tok, cfg.model_id, default_max_tokens=cfg.default_max_tokens,
+                                   replica_id=self.replica_id, target_version=loaded.name, route=self.router)
         self.heartbeats = self._heartbeats(cfg) if self.bus is not None else None
         mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "") if cfg.mlflow_uri is None else cfg.mlflow_uri
         self.swapper = None
@@ -500,7 +502,7 @@ class Replica:
 
     def close(self) -> None:
         """Stop swaps and heartbeats, finish the engine, flush events."""
-        for part in (self.swapper, *self.domain_swappers.values(), self.heartbeats):
+        for part in (self.swapper, *self.domain_swappers.values(), self.heartbeats, self.router):
             if part is not None:
                 part.close() if hasattr(part, "close") else part.stop()
         self.service.close()
@@ -508,6 +510,55 @@ class Replica:
             self.publisher.close()
         if self.bus is not None:
             self.bus.close()
+
+
+class RouterFromBus:
+    """route(prompt_ids) with the router the trainer last published as the Redis blob "router".
+
+    A daemon thread refreshes it every `refresh_s`, so the request path never waits on Redis; until
+    a router arrives (or while Redis is down) the last one loaded is used, or none (domain None).
+    """
+
+    def __init__(self, bus: Any, refresh_s: float = 10.0, blob: str = "router"):
+        self.bus, self.refresh_s, self.blob = bus, refresh_s, blob
+        self.router: Any = None
+        self.loads = 0  # routers loaded
+        self.errors = 0  # blobs that did not parse
+        self._raw: bytes | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spectutor-router", daemon=True)
+        self._thread.start()
+
+    def __call__(self, prompt_ids: tuple[int, ...]) -> str | None:
+        router = self.router  # one reference read: the refresher swaps whole routers
+        return router.route(prompt_ids) if router is not None else None
+
+    def refresh(self) -> None:
+        """Load the published router if it changed; never raises."""
+        from trainer.router import Router
+
+        raw = self.bus.get_blob(self.blob)
+        if raw is None or raw == self._raw:
+            return
+        try:
+            self.router = Router.from_json(raw.decode())
+            self.loads += 1
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            self.errors += 1
+            log.warning("ignoring a malformed router blob (%d bytes)", len(raw))
+        self._raw = raw
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the refresher must outlive anything Redis returns
+                log.exception("router refresh failed")
+            self._stop.wait(self.refresh_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
 
 
 def _unpinned(policy: Any) -> Any:

@@ -352,3 +352,41 @@ def test_per_domain_lineages_swap_only_their_domain(target, tmp_path):
         for s in swappers:
             s.close()
         service.close()
+
+
+def test_unlabelled_requests_are_routed_by_the_router_the_trainer_published(target):
+    """RouterFromBus loads the trainer's Redis blob off the request path; the Completer uses it only
+    when a request has no metadata.domain. (The blob's trip through real Redis is the streams tests'.)"""
+    from serving.openai_api import CompletionRequest, Completer
+    from serving.service import RouterFromBus
+    from trainer.router import Router, Rule
+
+    class Bus:
+        blobs: dict[str, bytes] = {}
+
+        def get_blob(self, name):
+            return self.blobs.get(name)
+
+    _, model = target
+    bus = Bus()
+    holder = RouterFromBus(bus, refresh_s=3600)
+    try:
+        assert holder((5, 6)) is None  # nothing published yet: the general drafter
+        bus.blobs["router"] = b"{not json"
+        holder.refresh()
+        assert holder.errors == 1 and holder.router is None
+        bus.blobs["router"] = Router([Rule("code", frozenset({5}))]).to_json().encode()
+        holder.refresh()
+        assert holder.loads == 1 and holder((5, 6)) == "code" and holder((7, 8)) is None
+        service = EngineService(Engine(model, NoDrafter(), EngineConfig(max_batch=2, max_len=256, speculation=0)))
+        try:
+            completer = Completer(service, None, "tiny", route=holder)
+            routed = completer._engine_request("completion", CompletionRequest(model="tiny", prompt=[5, 6, 7]), "a")
+            labelled = completer._engine_request(
+                "completion", CompletionRequest(model="tiny", prompt=[5, 6], metadata={"domain": "chat"}), "b")
+            other = completer._engine_request("completion", CompletionRequest(model="tiny", prompt=[7, 8]), "c")
+            assert (routed.domain, labelled.domain, other.domain) == ("code", "chat", None)
+        finally:
+            service.close()
+    finally:
+        holder.close()
