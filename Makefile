@@ -8,6 +8,8 @@ export SPECTUTOR_HOME ?= $(HOME)/.cache/spectutor
 # Two cores: keep torch from oversubscribing them.
 export OMP_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
+# `make test PYTEST_MARKERS=` also runs the `extended` tests (about 5 more minutes on 2 cores).
+PYTEST_MARKERS ?= not extended
 
 .PHONY: demo test venv system-deps model services-up services-down services-status bench clean
 
@@ -41,7 +43,7 @@ services-status:
 
 # Starts the services the tests need, runs the tests, and stops the services whatever the outcome.
 test: venv system-deps model
-	deploy/local/with-services.sh kafka redis mlflow -- $(PY) -m pytest -q $(PYTEST_ARGS)
+	deploy/local/with-services.sh kafka redis mlflow -- $(PY) -m pytest -q -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
 demo: venv system-deps model
 	deploy/local/stack.sh start kafka redis mlflow
