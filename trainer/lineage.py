@@ -240,9 +240,19 @@ class Lineage:
             got = weights_sha256(tmp)
             if got != v.sha256:
                 raise ArtifactError(f"{v.model_uri}: downloaded weights sha256 {got} != registered {v.sha256}")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            # Several processes may share dest_root: a complete, matching folder that appeared
+            # meanwhile may already be loading elsewhere, so it is kept and ours is dropped.
+            if final.is_dir() and _matches(final, v.sha256):
+                return final
+            if final.exists():  # a stale or corrupt copy: move it aside in one rename, then delete it
+                stale = Path(tempfile.mkdtemp(prefix=f".stale-{final.name}-", dir=dest_root))
+                final.rename(stale / "old")
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                tmp.rename(final)
+            except OSError:
+                if not _matches(final, v.sha256):  # someone else's rename won, with bad bytes
+                    raise
             return final
         except ArtifactError:
             raise

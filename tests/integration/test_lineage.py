@@ -74,3 +74,22 @@ def test_bad_artifacts_are_refused_and_nothing_half_written_is_registered(lineag
     with pytest.raises(ArtifactError, match="sha256"):
         lineage.fetch(lineage.get(name, int(mv.version)), tmp_path / "dl")
     assert not any(p.name.endswith(f"v{mv.version}") for p in (tmp_path / "dl").iterdir())
+
+
+def test_concurrent_fetches_into_one_folder_never_pull_a_loaded_copy_away(lineage, drafts, tmp_path):
+    """Replicas may share a download folder: a fetch that finishes second must keep the first's copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trainer.lineage import weights_sha256
+
+    name = registered_name(f"t{uuid.uuid4().hex[:8]}")
+    v = lineage.register(name, drafts[2])
+
+    def fetch_and_read(_):
+        folder = lineage.fetch(v, tmp_path)
+        return [weights_sha256(folder) for _ in range(20)]  # still whole while others finish
+
+    with ThreadPoolExecutor(6) as pool:
+        digests = [d for run in pool.map(fetch_and_read, range(6)) for d in run]
+    assert digests == [v.sha256] * 120
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [f"{name}-v{v.version}"]

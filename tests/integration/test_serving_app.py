@@ -200,7 +200,7 @@ def test_hot_swap_under_load_fails_nothing_and_stays_exact(stack):
     assert len(seen) >= 3  # swaps really happened while requests ran
     assert _wait_version(stack["handle"], str(stack["versions"][10].version))  # via the MLflow alias poll
     infos = _infos(stack["handle"])
-    assert all(i["swap_failures"] == 0 for i in infos.values())
+    assert all(i["swap_failures"] == 0 for i in infos.values()), infos
     # Every finished request became one event on Kafka, off the request path.
     ids = {out["id"] for out in results}
     assert _consume_ids(stack, ids) == ids
