@@ -91,8 +91,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(kv, cfg.rms_eps) if cfg.qk_norm else None
         self.clip = cfg.clip_qkv
 
-    def forward(self, x: Tensor, layout: StepLayout, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        """x [B, N, D]; k_cache/v_cache [S, Hkv, T, hd] of this layer."""
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, N, D] -> rotated q [B, H, N, hd], rotated k and v [B, Hkv, N, hd] (clip, qk-norm applied)."""
         b, n, _ = x.shape
         qkv = self.qkv(x)
         if self.clip is not None:
@@ -102,9 +102,14 @@ class Attention(nn.Module):
             qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
         qkv = qkv.view(b, n, self.h + 2 * self.hkv, self.hd).transpose(1, 2)   # [B, H+2Hkv, N, hd]
         # Rotate q and k heads together: half the elementwise kernels of rotating them apart.
-        qk = apply_rope(qkv[:, : self.h + self.hkv], layout.cos, layout.sin)
+        qk = apply_rope(qkv[:, : self.h + self.hkv], cos, sin)
         q, k = qk.split([self.h, self.hkv], dim=1)              # [B, H, N, hd], [B, Hkv, N, hd]
-        v = qkv[:, self.h + self.hkv:]                          # [B, Hkv, N, hd]
+        return q, k, qkv[:, self.h + self.hkv:]
+
+    def forward(self, x: Tensor, layout: StepLayout, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """x [B, N, D]; k_cache/v_cache [S, Hkv, T, hd] of this layer."""
+        b, n, _ = x.shape
+        q, k, v = self.project(x, layout.cos, layout.sin)
 
         lk = layout.num_keys
         if layout.single is not None:

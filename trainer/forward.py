@@ -11,23 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe.layers import apply_rope, grouped_attention
+from moe.layers import grouped_attention
 from moe.model import LeanDecoder
 
 
 def _attend(attn, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
     """The decoder layer's attention over the sequence itself; x [B, L, D], mask [B, 1, L, L]."""
     b, n, _ = x.shape
-    qkv = attn.qkv(x)
-    if attn.clip is not None:
-        qkv = qkv.clamp(-attn.clip, attn.clip)
-    if attn.q_norm is not None:
-        q, k, v = qkv.split([attn.h * attn.hd, attn.hkv * attn.hd, attn.hkv * attn.hd], dim=-1)
-        qkv = torch.cat([attn.q_norm(q), attn.k_norm(k), v], dim=-1)
-    qkv = qkv.view(b, n, attn.h + 2 * attn.hkv, attn.hd).transpose(1, 2)   # [B, H+2Hkv, L, hd]
-    qk = apply_rope(qkv[:, : attn.h + attn.hkv], cos, sin)
-    q, k = qk.split([attn.h, attn.hkv], dim=1)                            # [B, H, L, hd], [B, Hkv, L, hd]
-    v = qkv[:, attn.h + attn.hkv:]                                        # [B, Hkv, L, hd]
+    q, k, v = attn.project(x, cos, sin)                                   # the inference path's own projection
     out = grouped_attention(q, k, v, mask)                                # [B, H, L, hd]
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, attn.h * attn.hd))
 
