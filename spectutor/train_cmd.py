@@ -66,6 +66,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-when-drained", type=_positive(float, "--stop-when-drained"), default=None, metavar="SECONDS",
                    help="exit once no event came for this long and nothing is left to train")
     p.add_argument("--no-progress", action="store_true", help="print a JSON summary instead of a live display")
+    p.add_argument("--status-file", default=None, metavar="PATH",
+                   help="keep the live status here as JSON (replaced atomically, at most once a second, and at exit)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("drafters", help="registered drafter versions: list, rollback")
@@ -117,7 +119,7 @@ def _table(trainer):
 def cmd_train(args: argparse.Namespace) -> int:
     """Run the trainer until stopped (SIGINT/SIGTERM finish the current step, checkpoint and exit)."""
     from trainer.recipe import Trainer
-    from trainer.tracking import MlflowTracker, NullTracker
+    from trainer.tracking import MlflowTracker, NullTracker, StatusFile
 
     cfg = config_from_args(args)
     factory = NullTracker if args.no_registry else MlflowTracker
@@ -127,8 +129,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         live = Live(refresh_per_second=2)
     last = [0.0]
+    status = StatusFile(args.status_file) if args.status_file else None
 
     def progress(trainer) -> None:
+        if status is not None:
+            status.write(trainer.status())
         if live is not None and time.monotonic() - last[0] > 0.5:
             last[0] = time.monotonic()
             live.update(_table(trainer))
@@ -145,6 +150,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             stats = trainer.train()
     finally:
         trainer.cleanup()
+        if status is not None:
+            status.write(trainer.status(), force=True)
     summary = dataclasses.asdict(stats)
     summary["lineages"] = {k: {"name": lin.name, "champion_version": lin.champion_version, "step": lin.step}
                            for k, lin in trainer.lineages.items()}

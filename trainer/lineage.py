@@ -38,6 +38,58 @@ class LineageError(RuntimeError):
     """A registry operation cannot be done (unknown name or version, nothing to roll back to)."""
 
 
+def unreachable(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) says the MLflow server is down or failing, not that the call is wrong.
+
+    Connection errors and timeouts (requests, urllib3, the OS), and MlflowExceptions that map to
+    HTTP 5xx or 429: the MLflow client turns a refused connection into a plain MlflowException,
+    which maps to 500. A 4xx (unknown version, bad parameter) and every other error are not an
+    outage: retrying them would repeat a mistake.
+    """
+    import requests
+    import urllib3
+    from mlflow.exceptions import MlflowException
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+                            ConnectionError, TimeoutError)):
+            return True
+        if isinstance(exc, MlflowException):
+            status = exc.get_http_status_code()
+            if status >= 500 or status == 429:
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@dataclass
+class PendingRegistration:
+    """A gate winner that MLflow could not take yet; the trainer retries it with backoff.
+
+    Stages are remembered so a retry never repeats one that succeeded: once `version` is set the
+    weights are registered, and a retry only promotes (and announces) that version.
+    """
+
+    model: object  # the winner's weights (a deep copy of the student): the lineage's champion once registered
+    folder: Path  # the same weights saved by save_draft, what register() uploads
+    tags: dict[str, object]  # version tags (parent, offsets, sha256, gate metrics), as scored
+    run_id: str | None  # the trainer run that produced it
+    champion_acceptance: float  # of the champion it beat, for the log line
+    acceptance: float  # its own, on the same hold-out
+    version: int | None = None  # registered version number, once register() succeeded
+    attempts: int = 0  # failed attempts so far
+    next_try: float = 0.0  # time.monotonic() of the next attempt
+
+    def failed(self, now: float, first_s: float, cap_s: float) -> float:
+        """Count a failed attempt and schedule the next one: first_s, doubling, at most cap_s; returns the delay."""
+        self.attempts += 1
+        delay = min(first_s * 2 ** (self.attempts - 1), cap_s)
+        self.next_try = now + delay
+        return delay
+
+
 @dataclass(frozen=True)
 class DrafterVersion:
     """One registered drafter version as serving and the CLI see it."""

@@ -15,6 +15,11 @@ before the checkpoint's positions (or in its window) are dropped, so none is abs
 Set SPECTUTOR_TRAINER_FAULT=after_checkpoint[:N] to stop right after the Nth checkpoint is durable
 and before its commit: the process SIGKILLs itself, or, with SPECTUTOR_TRAINER_FAULT_MARKER=<path>,
 writes that file and waits to be killed (the crash test kills it from outside).
+
+An MLflow outage does not stop training: a winner MLflow cannot take is kept as the lineage's
+pending registration (a snapshot of its weights and tags) and retried with backoff from the loop;
+only the newest winner waits. Pending registrations are not checkpointed: a restarted trainer
+re-gates its (checkpointed) student against the registry's champion instead.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +48,7 @@ from trainer import checkpoint as ckpt
 from trainer.distill import EvalMetrics, GateConfig, decide, distill_loss, evaluate
 from trainer.drift import DriftConfig, DriftMonitor
 from trainer.idle import IdleConfig, LoadWatcher, Preempted
+from trainer.lineage import PendingRegistration
 from trainer.losses import LossName
 from trainer.router import Router
 from trainer.samples import Holdout, RecencyBuffer, Sample, collate, sample_from_event
@@ -48,6 +56,13 @@ from trainer.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 GENERAL = "general"
+# The MLflow client retries a failing HTTP request itself: 7 times with backoff factor 2 and a 120 s
+# timeout by default, minutes in which the trainer loop would stand still while the server is down.
+# The trainer retries registrations and metrics on its own schedule, so one request should fail
+# within seconds: one immediate retry (urllib3 sleeps before the second retry only), 10 s socket
+# timeout. BACKOFF_FACTOR is parsed as an int by MLflow, hence "1" and not a fraction.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 @dataclass(frozen=True)
@@ -120,11 +135,16 @@ class TrainerConfig:
     redis_prefix: str = "spectutor"
     registry: bool = True
     """Register and promote winners in MLflow (False: in-memory champions, for offline runs)."""
+    registration_retry_s: float = 2.0
+    """First wait before retrying a registration MLflow could not take; doubles per failure."""
+    registration_retry_cap_s: float = 15.0
+    """Longest wait between registration retries (a recovered server is used within this)."""
     seed: int = 0
     max_steps: int | None = None
     """Stop after this many steps in total (None: run until stopped)."""
     stop_when_drained_s: float | None = None
-    """Stop once no event came for this long and no lineage has work (batch runs, tests)."""
+    """Stop once no event came for this long and no lineage has work (batch runs, tests); a pending
+    registration holds the stop for up to 4 x registration_retry_cap_s more."""
 
     def __post_init__(self) -> None:
         for name in ("draft_layers", "batch_size", "max_len", "buffer_size", "holdout_size", "train_every",
@@ -142,6 +162,9 @@ class TrainerConfig:
             raise ValueError(f"teacher={self.teacher!r}: must be topk or target")
         if self.steps_per_sample <= 0:
             raise ValueError(f"steps_per_sample={self.steps_per_sample}: must be > 0")
+        for name in ("registration_retry_s", "registration_retry_cap_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
         if self.half_life <= 0:
             raise ValueError(f"half_life={self.half_life}: must be > 0")
         if len(set(self.domains)) != len(self.domains) or GENERAL in self.domains:
@@ -170,6 +193,7 @@ class LineageState:
     promotions: int = 0
     offsets: dict[str, list[int]] = field(default_factory=dict)  # "topic:partition" -> [first, last] absorbed
     last: dict[str, float] = field(default_factory=dict)
+    pending: PendingRegistration | None = None  # a winner MLflow could not take yet (not checkpointed)
 
 
 @dataclass
@@ -189,6 +213,9 @@ class TrainerStats:
     lag_s: float = 0.0
     collapsed: tuple[str, ...] = ()
     last_decision: str = ""
+    registration_failures: int = 0  # register/promote attempts (first or retry) failed by an MLflow outage
+    registration_retries: int = 0  # attempts on a pending registration (after a failure, once its backoff passed)
+    pending_registrations: int = 0  # lineages whose winner waits for MLflow now
 
 
 class Trainer:
@@ -215,6 +242,8 @@ class Trainer:
     def setup(self) -> None:
         """Threads, registry, Redis, lineages (from the last checkpoint if any), consumer, load watcher."""
         cfg = self.cfg
+        for var, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(var, value)  # an operator's own setting wins
         torch.set_num_threads(cfg.idle.threads)
         torch.manual_seed(cfg.seed)
         from trainer.lineage import registered_name
@@ -230,6 +259,8 @@ class Trainer:
 
             self.bus = RedisBus(cfg.redis_url, RedisConfig(prefix=cfg.redis_prefix))
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        for stale in Path(cfg.state_dir).glob("challenger-*"):  # snapshots of a previous process's pending winners
+            shutil.rmtree(stale, ignore_errors=True)
         found = ckpt.latest(Path(cfg.state_dir))
         state = found[1] if found else {}
         self._base: DraftModel | None = None
@@ -402,29 +433,75 @@ class Trainer:
         return True
 
     def _promote(self, lin: LineageState, champ: EvalMetrics, chall: EvalMetrics) -> None:
-        version = None
-        if self.registry is not None:
-            import tempfile
+        """Make the student champion: at once without a registry, else through MLflow (see _register)."""
+        if self.registry is None:
+            self._crown(lin, copy.deepcopy(lin.student).eval(), None, champ.acceptance, chall.acceptance)
+            return
+        before = lin.pending
+        if before is not None:
+            log.warning("%s: a newer winner replaces the one still waiting for MLflow%s", lin.name,
+                        "" if before.version is None else f" (registered as v{before.version}, left challenger)")
+            shutil.rmtree(before.folder, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix="challenger-", dir=self.cfg.state_dir))
+        sha = save_draft(lin.student, folder, f"{lin.name}@step{lin.step}")
+        tags = {"parent_version": str(lin.champion_version), "kafka_offsets": copy.deepcopy(lin.offsets),
+                "domains": [lin.key], "sha256": sha, "trained_steps": lin.step,
+                "gate": {**chall.as_dict(""), "champion_acceptance": champ.acceptance,
+                         "champion_accepted_length": champ.accepted_length}}
+        lin.pending = PendingRegistration(copy.deepcopy(lin.student).eval(), folder, tags, lin.tracker.run_id,
+                                          champ.acceptance, chall.acceptance)
+        if before is not None:  # the outage is not over because a new winner came: keep its backoff
+            lin.pending.attempts, lin.pending.next_try = before.attempts, before.next_try
+        if time.monotonic() >= lin.pending.next_try:
+            self._register(lin)
 
-            from trainer.lineage import CHALLENGER, promotion_message
+    def _register(self, lin: LineageState) -> bool:
+        """Register lin.pending as challenger, promote it to champion, announce it; True once done.
 
-            with tempfile.TemporaryDirectory(prefix="challenger-", dir=self.cfg.state_dir) as tmp:
-                sha = save_draft(lin.student, tmp, f"{lin.name}@step{lin.step}")
-                tags = {"parent_version": str(lin.champion_version), "kafka_offsets": lin.offsets,
-                        "domains": [lin.key], "sha256": sha, "trained_steps": lin.step,
-                        "gate": {**chall.as_dict(""), "champion_acceptance": champ.acceptance,
-                                 "champion_accepted_length": champ.accepted_length}}
-                v = self.registry.register(lin.name, tmp, run_id=lin.tracker.run_id, tags=tags, alias=CHALLENGER)
-            v = self.registry.promote(lin.name, v.version)
-            version = v.version
-            if self.bus is not None:
-                self.bus.publish_promotion(promotion_message(v))
-        lin.champion = copy.deepcopy(lin.student).eval()
+        An MLflow outage (trainer.lineage.unreachable) is counted and scheduled for a retry, never
+        raised; any other error is. A version registered by an earlier attempt is promoted, not
+        registered again.
+        """
+        from trainer.lineage import CHALLENGER, promotion_message, unreachable
+
+        p = lin.pending
+        if p.attempts:
+            self.stats.registration_retries += 1
+        try:
+            if p.version is None:
+                p.version = self.registry.register(lin.name, p.folder, run_id=p.run_id, tags=p.tags,
+                                                   alias=CHALLENGER).version
+            v = self.registry.promote(lin.name, p.version)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            self.stats.registration_failures += 1
+            self.stats.pending_registrations = sum(x.pending is not None for x in self.lineages.values())
+            delay = p.failed(time.monotonic(), self.cfg.registration_retry_s, self.cfg.registration_retry_cap_s)
+            log.warning("%s: MLflow unreachable (%s: %s); %s retried in %.1f s", lin.name, type(exc).__name__, exc,
+                        "registration" if p.version is None else f"promotion of v{p.version}", delay)
+            return False
+        if self.bus is not None and not self.bus.publish_promotion(promotion_message(v)):
+            log.warning("%s: v%s is champion but Redis did not take the announcement", lin.name, v.version)
+        lin.pending = None
+        self.stats.pending_registrations = sum(x.pending is not None for x in self.lineages.values())
+        shutil.rmtree(p.folder, ignore_errors=True)
+        self._crown(lin, p.model, v.version, p.champion_acceptance, p.acceptance)
+        return True
+
+    def _retry_registrations(self, force: bool = False) -> None:
+        """Retry each pending registration whose backoff has passed (force: every one, now)."""
+        now = time.monotonic()
+        for lin in self.lineages.values():
+            if lin.pending is not None and (force or now >= lin.pending.next_try):
+                self._register(lin)
+
+    def _crown(self, lin: LineageState, model: DraftModel, version: int | None, before: float, after: float) -> None:
+        lin.champion = model
         lin.champion_version = version
         lin.promotions += 1
         self.stats.promotions += 1
-        log.info("%s: promoted version %s (acceptance %.4f -> %.4f)", lin.name, version, champ.acceptance,
-                 chall.acceptance)
+        log.info("%s: promoted version %s (acceptance %.4f -> %.4f)", lin.name, version, before, after)
         self.checkpoint()
 
     def train(self) -> TrainerStats:
@@ -445,6 +522,7 @@ class Trainer:
                 log.warning("domain %s: served acceptance collapsed to %.3f (best %.3f)", k, self.drift.value(k),
                             self.drift.domains[k].best)
             self.stats.collapsed = collapsed
+            self._retry_registrations()
             if not self.watcher.busy:
                 for lin in self.lineages.values():
                     if self._ready(lin) and not self._round(lin):
@@ -456,8 +534,13 @@ class Trainer:
             if cfg.max_steps is not None and self.stats.steps >= cfg.max_steps:
                 break
             idle_for = time.monotonic() - last_event
-            if cfg.stop_when_drained_s is not None and idle_for >= cfg.stop_when_drained_s and not work:
+            drained = cfg.stop_when_drained_s is not None and idle_for >= cfg.stop_when_drained_s and not work
+            # A winner waiting for MLflow holds the stop a while: the server may be back soon.
+            if drained and (not self.stats.pending_registrations
+                            or idle_for >= cfg.stop_when_drained_s + 4 * cfg.registration_retry_cap_s):
                 break
+        if self.stats.pending_registrations:
+            self._retry_registrations(force=True)  # last chance; what still fails is re-gated after a restart
         self.checkpoint()
         return self.stats
 
@@ -469,10 +552,24 @@ class Trainer:
                 return False
             if lin.step % self.cfg.gate_every == 0:
                 self.gate(lin)
+            if self.on_progress:
+                self.on_progress(self)  # a round can take minutes on a real model; the display and status follow it
             if self.cfg.max_steps is not None and self.stats.steps >= self.cfg.max_steps:
                 break
         lin.new_since_train = 0
         return True
+
+    def status(self) -> dict[str, object]:
+        """The live status a supervisor follows (spectutor train --status-file): counters and the lineages."""
+        st = self.stats
+        out: dict[str, object] = {"pid": os.getpid(), "updated_at": time.time()}
+        for key in ("events_consumed", "steps", "promotions", "rejections", "checkpoints", "preemptions", "busy",
+                    "registration_failures", "registration_retries", "pending_registrations", "last_decision"):
+            out[key] = getattr(st, key)
+        out["lineages"] = {k: {"name": lin.name, "champion_version": lin.champion_version, "step": lin.step,
+                               "buffer": len(lin.buffer), "holdout": len(lin.holdout)}
+                           for k, lin in self.lineages.items()}
+        return out
 
     # ---- checkpoint / cleanup ------------------------------------------------------------------
     def checkpoint(self) -> Path:
