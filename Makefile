@@ -10,6 +10,7 @@ export OMP_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
 # `make test PYTEST_MARKERS=` also runs the `extended` tests (about 5 more minutes on 2 cores).
 PYTEST_MARKERS ?= not extended
+DEMO_MINUTES ?= 10
 
 .PHONY: demo test venv system-deps model services-up services-down services-status bench clean
 
@@ -43,11 +44,13 @@ services-status:
 
 # Starts the services the tests need, runs the tests, and stops the services whatever the outcome.
 test: venv system-deps model
-	deploy/local/with-services.sh kafka redis mlflow -- $(PY) -m pytest -q -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
+	deploy/local/with-services.sh kafka redis mlflow -- $(PY) -m pytest -q --durations=25 -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
+# The whole loop for DEMO_MINUTES of traffic; stops what it started, except the MLflow server after a
+# successful run (its UI shows the drafter versions; `make services-down` stops it). Ctrl-C stops all.
 demo: venv system-deps model
-	deploy/local/stack.sh start kafka redis mlflow
-	$(VENV)/bin/spectutor demo
+	WITH_SERVICES_KEEP=mlflow deploy/local/with-services.sh kafka redis mlflow -- \
+		$(VENV)/bin/spectutor demo --minutes $(DEMO_MINUTES)
 
 bench: venv model
 	$(PY) bench/decode.py

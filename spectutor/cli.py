@@ -134,36 +134,6 @@ def _generate_expert_parallel(args: argparse.Namespace, params) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Answer real held-out prompts (HumanEval, then ShareGPT) with the speculative engine (later: the whole loop)."""
-    from itertools import islice
-
-    from moe.generate import SamplingParams
-    from moe.loader import load_model
-    from serving.engine import Request
-    from serving.traffic import humaneval_prompts, sharegpt_prompts
-
-    start = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype)
-    engine = build_engine(args, loaded)
-    print(f"model {args.model} loaded in {time.perf_counter() - start:.1f}s; drafter {args.drafter}, "
-          f"speculation {args.speculation}")
-    prompts = [(p, loaded.tokenizer.encode(p.text)) for p in islice(humaneval_prompts("heldout"), 1)]
-    prompts += [(p, _encode(loaded.tokenizer, p.text, raw=False))
-                for p in islice((p for p in sharegpt_prompts("heldout") if len(p.text) < 300), 1)]
-    for prompt, ids in prompts:
-        engine.add_request(Request(prompt.id, tuple(ids), SamplingParams(max_new_tokens=args.max_new_tokens),
-                                   domain=prompt.domain))
-        start = time.perf_counter()
-        [done] = engine.run_to_completion()
-        seconds = time.perf_counter() - start
-        print(f"--- {prompt.domain} {prompt.id} ---\n{prompt.text.strip()}\n--- answer ---")
-        print(loaded.tokenizer.decode(done.output_ids, skip_special_tokens=True))
-        print(f"--- {len(done.output_ids)} tokens in {seconds:.1f}s ({len(done.output_ids) / seconds:.1f} tokens/s, "
-              f"greedy); {len(done.steps)} target forwards, mean accepted length {done.mean_accepted_length:.2f} ---")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spectutor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,11 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print speed and acceptance to stderr")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the main job on the local stack")
-    _model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    _drafter_args(p)
-    p.set_defaults(func=cmd_demo)
+    from spectutor.demo_cmd import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
 
     from spectutor.train_cmd import add_parsers
 

@@ -214,6 +214,7 @@ class TrainerStats:
     collapsed: tuple[str, ...] = ()
     last_decision: str = ""
     registration_failures: int = 0  # register/promote attempts (first or retry) failed by an MLflow outage
+    commit_failures: int = 0  # consumer commits that failed after a durable checkpoint (retried at the next)
     registration_retries: int = 0  # attempts on a pending registration (after a failure, once its backoff passed)
     pending_registrations: int = 0  # lineages whose winner waits for MLflow now
 
@@ -564,7 +565,8 @@ class Trainer:
         st = self.stats
         out: dict[str, object] = {"pid": os.getpid(), "updated_at": time.time()}
         for key in ("events_consumed", "steps", "promotions", "rejections", "checkpoints", "preemptions", "busy",
-                    "registration_failures", "registration_retries", "pending_registrations", "last_decision"):
+                    "registration_failures", "registration_retries", "pending_registrations", "commit_failures",
+                    "last_decision"):
             out[key] = getattr(st, key)
         out["lineages"] = {k: {"name": lin.name, "champion_version": lin.champion_version, "step": lin.step,
                                "buffer": len(lin.buffer), "holdout": len(lin.holdout)}
@@ -603,7 +605,15 @@ class Trainer:
                 os.fsync(fh.fileno())
         self._pending_ids = []
         self._fault_point()
-        self.consumer.commit()
+        try:
+            self.consumer.commit()
+        except Exception as exc:  # noqa: BLE001 - broker restarting, group rebalancing, disk full for file://
+            # The checkpoint already holds the positions and the de-dup window: an uncommitted offset
+            # only means those records come again after a restart, and restart drops them. The next
+            # checkpoint commits again.
+            self.stats.commit_failures += 1
+            log.warning("consumer commit failed (the checkpoint holds the positions; retried at the next "
+                        "checkpoint): %s: %s", type(exc).__name__, exc)
         if self.bus is not None:
             self.bus.put_blob("router", self.router.to_json().encode())
         self._last_ckpt = time.monotonic()

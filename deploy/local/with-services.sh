@@ -5,6 +5,8 @@
 # (SPECTUTOR_KAFKA_BOOTSTRAP, SPECTUTOR_REDIS_URL, MLFLOW_TRACKING_URI), runs CMD, and on exit
 # (CMD's success, failure, or an interrupt) stops only the services it started itself, so a
 # developer's already-running stack survives. Exits with CMD's status.
+# WITH_SERVICES_KEEP="mlflow ..." leaves those running after CMD succeeds (the demo's MLflow UI);
+# after a failure or an interrupt everything it started is stopped.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,6 +30,10 @@ cleanup() {
     local rc=$? i
     # Reverse start order; a failed stop must not hide CMD's status, so errors are only reported.
     for ((i = ${#started[@]} - 1; i >= 0; i--)); do
+        if ((rc == 0)) && [[ " ${WITH_SERVICES_KEEP:-} " == *" ${started[i]} "* ]]; then
+            echo "with-services: leaving ${started[i]} running (WITH_SERVICES_KEEP)"
+            continue
+        fi
         "$here/${started[i]}.sh" stop || echo "with-services: stopping ${started[i]} failed" >&2
     done
     exit "$rc"

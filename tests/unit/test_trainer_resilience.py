@@ -20,7 +20,7 @@ from trainer.tracking import MlflowTracker, StatusFile
 
 STATUS_KEYS = {"pid", "updated_at", "events_consumed", "steps", "promotions", "rejections", "checkpoints",
                "preemptions", "busy", "registration_failures", "registration_retries", "pending_registrations",
-               "last_decision", "lineages"}
+               "commit_failures", "last_decision", "lineages"}
 
 
 class FlakyRegistry:
@@ -265,3 +265,27 @@ def test_cli_writes_the_status_file(tmp_path, tiny_model, events, capsys) -> Non
     assert set(status) == STATUS_KEYS and status["events_consumed"] == summary["events_consumed"] == 12
     assert status["steps"] == summary["steps"] and status["checkpoints"] == summary["checkpoints"]
     assert summary["registration_failures"] == 0 and summary["pending_registrations"] == 0
+
+
+def test_a_failed_consumer_commit_is_counted_and_retried_at_the_next_checkpoint(tmp_path, tiny_model, events) -> None:
+    """A broker restart makes the commit after a durable checkpoint time out: the trainer goes on,
+    and the next checkpoint commits (the fault drill in test_full_loop.py found this on real Kafka)."""
+    cfg = _cfg(tmp_path, tiny_model("llama"))
+    _publish(cfg, events)
+    t = Trainer(cfg)
+    t.setup()
+    real_commit, calls = t.consumer.commit, []
+
+    def commit() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise TimeoutError("commit timed out: the group coordinator is restarting")
+        real_commit()
+
+    t.consumer.commit = commit
+    try:
+        stats = t.train()
+    finally:
+        t.cleanup()
+    assert stats.commit_failures == 1 and len(calls) >= 2 and stats.events_consumed == 40
+    assert t.status()["commit_failures"] == 1

@@ -1,0 +1,114 @@
+"""The demo's results: a summary (JSON) and acceptance over time (PNG), from the requests' outcomes,
+the promotions seen and the registry's versions. Pure functions of their inputs (no services)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+from serving.replay import Outcome, acceptance
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def thirds(outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
+    """The first and the last third of successful outcomes, in the order they were sent."""
+    ok = sorted((o for o in outcomes if o.ok), key=lambda o: o.index)
+    n = len(ok) // 3
+    return (ok[:n], ok[-n:]) if n else ([], [])
+
+
+def summarize(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[dict], registry: dict,
+              config: dict, trainer: dict | None, interrupted: bool) -> dict[str, Any]:
+    """Counts, acceptance per domain and phase (first vs last third of each phase), promotions."""
+    by_domain: dict[str, dict[str, Any]] = {}
+    for domain in sorted({o.domain for o in outcomes}):
+        mine = [o for o in outcomes if o.domain == domain]
+        first, last = thirds(mine)
+        a_first, a_last = acceptance(first), acceptance(last)
+        by_domain[domain] = {
+            "requests": len(mine), "failed": sum(not o.ok for o in mine),
+            "acceptance": acceptance(mine), "acceptance_first_third": a_first, "acceptance_last_third": a_last,
+            "rise": (a_last - a_first) if a_first is not None and a_last is not None else None,
+            "tokens_per_step_last_third": _tokens_per_step(last)}
+    failed = [o for o in outcomes if not o.ok]
+    return {
+        "machine": machine(), "config": config, "interrupted": interrupted, "shift_at_s": shift_s,
+        "requests": {"total": len(outcomes), "ok": len(outcomes) - len(failed), "failed": len(failed),
+                     "errors": sorted({o.error for o in failed})[:10]},
+        "domains": by_domain,
+        "versions_served": sorted({v for o in outcomes for v in o.versions}, key=_version_key),
+        "promotions": list(promotions), "registry": registry, "trainer": trainer}
+
+
+def _tokens_per_step(outcomes: Sequence[Outcome]) -> float | None:
+    """Output tokens per target forward: what acceptance buys (1.0 = no gain)."""
+    accepted = sum(o.accepted_tokens for o in outcomes)
+    tokens = sum(o.completion_tokens for o in outcomes)
+    steps = tokens - accepted  # each step emits its accepted drafts plus one target token
+    return tokens / steps if steps > 0 else None
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), "") if v.isdigit() else (-1, v)
+
+
+def plot(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[dict], path: Path, title: str,
+         window: int = 8) -> None:
+    """Per-request acceptance (dots) and its rolling mean per domain (lines); the shift and promotions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    colors = {"sharegpt": "tab:blue", "humaneval": "tab:orange"}
+    for domain in sorted({o.domain for o in outcomes}):
+        mine = sorted((o for o in outcomes if o.domain == domain and o.ok and o.draft_tokens), key=lambda o: o.started_s)
+        if not mine:
+            continue
+        color = colors.get(domain)
+        xs = [(o.started_s + o.latency_s) / 60 for o in mine]
+        ax.scatter(xs, [o.acceptance for o in mine], s=10, alpha=0.35, color=color)
+        rolling = [acceptance(mine[max(0, i - window + 1):i + 1]) for i in range(len(mine))]
+        ax.plot(xs, rolling, color=color, lw=2, label=f"{domain} (mean of last {window} requests)")
+    ax.axvline(shift_s / 60, color="black", ls="--", lw=1)
+    ax.text(shift_s / 60, 1.02, " traffic shifts to HumanEval", transform=ax.get_xaxis_transform(), fontsize=9)
+    for p in promotions:
+        ax.axvline(p["at_s"] / 60, color="tab:green", ls=":", lw=1)
+        ax.text(p["at_s"] / 60, 0.97, f"v{p['version']}", transform=ax.get_xaxis_transform(), fontsize=8,
+                color="tab:green", ha="center")
+    ax.set_xlabel("minutes since traffic started (answer time)")
+    ax.set_ylabel("draft acceptance (accepted / proposed tokens)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(summary: dict, outcomes: Sequence[Outcome], out_dir: Path, title: str) -> dict[str, str]:
+    """summary.json, requests.jsonl and acceptance.png in out_dir; their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"summary": str(out_dir / "summary.json"), "requests": str(out_dir / "requests.jsonl"),
+             "plot": str(out_dir / "acceptance.png")}
+    summary = {**summary, "files": files}
+    Path(files["summary"]).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    with open(files["requests"], "w") as fh:
+        for o in outcomes:
+            fh.write(json.dumps({k: v for k, v in o.as_dict().items() if k != "text"}) + "\n")
+    plot(outcomes, summary["shift_at_s"], summary["promotions"], Path(files["plot"]), title)
+    return files
