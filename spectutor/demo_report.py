@@ -85,7 +85,7 @@ def plot(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[dict]
         rolling = [acceptance(mine[max(0, i - window + 1):i + 1]) for i in range(len(mine))]
         ax.plot(xs, rolling, color=color, lw=2, label=f"{domain} (mean of last {window} requests)")
     ax.axvline(shift_s / 60, color="black", ls="--", lw=1)
-    ax.text(shift_s / 60, 1.02, " traffic shifts to HumanEval", transform=ax.get_xaxis_transform(), fontsize=9)
+    ax.text(shift_s / 60, 0.9, " traffic shifts to HumanEval", transform=ax.get_xaxis_transform(), fontsize=9)
     for p in promotions:
         ax.axvline(p["at_s"] / 60, color="tab:green", ls=":", lw=1)
         ax.text(p["at_s"] / 60, 0.97, f"v{p['version']}", transform=ax.get_xaxis_transform(), fontsize=8,
@@ -94,7 +94,7 @@ def plot(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[dict]
     ax.set_ylabel("draft acceptance (accepted / proposed tokens)")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left")
+    ax.legend(loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
