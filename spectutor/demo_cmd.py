@@ -180,8 +180,8 @@ def main(args: argparse.Namespace) -> int:
         interrupted = True
         print("\ninterrupted: stopping the trainer, Ray Serve and the services this run started", flush=True)
     finally:
+        loop.stop()  # the trainer writes its last status as it exits
         status = loop.trainer_status()
-        loop.stop()
     registry = _registry(cfg.lineage, env["MLFLOW_TRACKING_URI"])
     progress.trainer_status(status)
     return _report(args, cfg, loop, progress, shift_s, registry, status, interrupted, out_dir)
