@@ -141,6 +141,17 @@ def _services() -> dict[str, str]:
     return {k: os.environ[k] for k in SERVICES}
 
 
+def _port_free(port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise ValueError(f"--port {port}: 127.0.0.1:{port} is already in use (another spectutor serve "
+                             "or demo?); pick a free port with --port") from None
+
+
 def main(args: argparse.Namespace) -> int:
     from moe.loader import spectutor_home
     from spectutor.loop import LocalLoop, LoopConfig
@@ -149,6 +160,7 @@ def main(args: argparse.Namespace) -> int:
     for name in ("users", "max_tokens", "draft_layers", "speculation"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _port_free(args.port)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = f"demo-{stamp}"
     out_dir = Path(args.out) / stamp
