@@ -54,7 +54,7 @@ def pool(name: str, n: int = 6) -> list[str]:
 class Traffic:
     """Closed-loop clients in a background thread (spectutor.replay) over a prompt pool."""
 
-    def __init__(self, url: str, prompts: list[str], users: int = 4, max_tokens: int = 12):
+    def __init__(self, url: str, prompts: list[str], users: int = 2, max_tokens: int = 12):
         self._i = 0
         self._prompts = prompts
         self._stop = threading.Event()
@@ -106,8 +106,10 @@ def loop(tmp_path_factory) -> Iterator[dict]:
     cfg = LoopConfig(model=str(folder), work_dir=root / "work", tag=f"it{uuid.uuid4().hex[:8]}", kafka=kafka,
                      redis_url=redis_url, mlflow_uri=mlflow_uri, served_model_name="tiny", port=PORT, replicas=2,
                      replica_cpus=0.5, draft_layers=1, speculation=3, max_batch=8, max_len=128, poll_interval_s=2.0,
+                     # Half a step per event and a gate every 8 steps keep the trainer (one core)
+                     # level with the traffic, so "caught up" waits are short.
                      trainer_args={"--batch-size": 4, "--holdout-size": 8, "--train-every": 2,
-                                   "--steps-per-sample": 1, "--gate-every": 4, "--lr": 1e-3,
+                                   "--steps-per-sample": 0.5, "--gate-every": 8, "--lr": 1e-3,
                                    "--gate-min-samples": 8, "--gate-min-positions": 64, "--threads": 1,
                                    "--max-busy": 1000, "--checkpoint-every-s": 2, "--poll-records": 32})
     loop = LocalLoop(cfg)
@@ -185,16 +187,23 @@ def test_kafka_broker_restart_mid_traffic_loses_no_acked_event_and_the_trainer_c
     lp = loop["loop"]
     with Traffic(lp.url, pool("beta")) as t:
         t.wait(8)
+        t0 = time.monotonic()
         _service("restart", "kafka")
         n = len(t.outcomes)
+        print(f"[timing] kafka restarted in {time.monotonic() - t0:.1f}s, {n} answers so far")
         t.wait(n + 16, timeout_s=120)  # answers keep coming with the broker back
+        print(f"[timing] 16 more answers after {time.monotonic() - t0:.1f}s")
     _keep(loop, t.outcomes)
     answered = {o.request_id for o in loop["answered"]}
+    t0 = time.monotonic()
     ids = _topic_request_ids(lp, 120, answered)
+    print(f"[timing] topic read back in {time.monotonic() - t0:.1f}s")
     assert set(ids) == answered, (len(answered - set(ids)), "lost", len(set(ids) - answered), "unknown")
     print(f"events on the topic: {len(ids)} records, {len(set(ids))} distinct, {len(answered)} answered requests")
     # The trainer absorbs each event exactly once (its consumer de-duplicates redeliveries).
+    t0 = time.monotonic()
     lp.wait_trainer(lambda s: s["events_consumed"] >= len(answered), 120, f"{len(answered)} events consumed")
+    print(f"[timing] trainer caught up in {time.monotonic() - t0:.1f}s: {lp.trainer_status()}")
     assert lp.trainer_status()["events_consumed"] == len(answered)
 
 
@@ -273,11 +282,15 @@ def test_mlflow_down_serving_unaffected_and_the_trainer_retries_registration(loo
                 time.sleep(0.2)
             during = len(t.outcomes) - n0
         finally:
+            t0 = time.monotonic()
             _service("start", "mlflow")
+            print(f"[timing] mlflow started in {time.monotonic() - t0:.1f}s")
         status = lp.wait_trainer(lambda s: s["pending_registrations"] == 0 and
                                  s["promotions"] > before["promotions"], 90, "the retried registration")
+        print(f"[timing] registration landed {time.monotonic() - t0:.1f}s after the restart began")
         assert lp.wait_replicas_on(str(_champion(status)), 30), lp.replica_infos()
     _keep(loop, t.outcomes)
+    print(f"[timing] replicas on it {time.monotonic() - t0:.1f}s after the restart began")
     assert during >= 10, during
     assert status["registration_retries"] >= 1
     print(f"MLflow down {OUTAGE_S:.0f}s: {during} requests answered meanwhile, 0 failed; registration failed "
