@@ -141,6 +141,18 @@ def _services() -> dict[str, str]:
     return {k: os.environ[k] for k in SERVICES}
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (a closed terminal, `kill`, a supervisor) end the demo like Ctrl-C does:
+    through KeyboardInterrupt, so the trainer, Ray and the services are stopped, not orphaned."""
+    import signal
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def _port_free(port: int) -> None:
     import socket
 
@@ -176,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
                                    # while up to `users` requests run (raise --users to see it pause).
                                    "--max-busy": args.users, "--checkpoint-every-s": 30})
     total_s, shift_s = args.minutes * 60, args.minutes * 60 * args.shift_at
+    _stop_on_signals()
     loop = LocalLoop(cfg)
     print(f"spectutor demo: {args.minutes:g} min of traffic (ShareGPT, then HumanEval at {_mmss(shift_s)}); "
           f"target {args.model}, draft = its first {args.draft_layers} layers, drafter lineage {cfg.lineage}",
@@ -270,7 +283,8 @@ def _report(args: argparse.Namespace, cfg: Any, loop: Any, progress: Progress, s
           f"versions that served: {', '.join(summary['versions_served']) or '-'}")
     if "ui" in registry:
         kept = "" if interrupted else "; `make demo` leaves the MLflow server running so you can look: `make services-down` stops it"
-        print(f"MLflow: {registry['ui']}  (champion v{registry['champion']}{kept})")
+        champion = f"champion v{registry['champion']}" if registry["champion"] is not None else "no champion yet"
+        print(f"MLflow: {registry['ui']}  ({champion}{kept})")
     else:
         print(f"MLflow: could not read the registry: {registry.get('error')}")
     print(f"results: {files['plot']}  {files['summary']}")
