@@ -296,7 +296,7 @@ def test_topic_names_are_the_codes():
 
 
 def test_trainer_topic_default_is_the_event_topic():
-    source = (REPO / "trainer" / "recipe.py").read_text()
+    source = (REPO / "trainer" / "config.py").read_text()
     assert re.search(r"^\s+topic: str = DEFAULT_TOPIC$", source, re.M)
 
 
@@ -489,7 +489,7 @@ def test_trainer_runs_spectutor_train_with_its_state_on_a_volume(builds):
         assert "/opt/spectutor/trainer" in mounts  # $SPECTUTOR_HOME/trainer = TrainerConfig.state_dir's default
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^ENV (?:[^\n]*\\\n)*[^\n]*\bSPECTUTOR_HOME=/opt/spectutor\b", dockerfile, re.M)
-    assert '"SPECTUTOR_HOME"' in (REPO / "trainer" / "recipe.py").read_text()
+    assert '"SPECTUTOR_HOME"' in (REPO / "trainer" / "config.py").read_text()
 
 
 def test_images_are_dockerfile_targets(builds):
