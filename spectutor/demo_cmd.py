@@ -66,8 +66,8 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
-def traffic(shift_s: float, t0: list[float], seed: int = 0) -> Iterator[RequestSpec]:
-    """ShareGPT chats until `shift_s` after t0[0], then HumanEval problems (train splits, cycled)."""
+def traffic(shift_s: float, t0: float, seed: int = 0) -> Iterator[RequestSpec]:
+    """ShareGPT chats until `shift_s` after t0 (time.monotonic()), then HumanEval problems (train splits, cycled)."""
     from serving.traffic import humaneval_prompts, sharegpt_prompts
 
     rng = random.Random(seed)
@@ -77,7 +77,7 @@ def traffic(shift_s: float, t0: list[float], seed: int = 0) -> Iterator[RequestS
     rng.shuffle(code)
     chats_it, code_it = cycle(chats), cycle(code)
     while True:
-        if time.monotonic() - t0[0] < shift_s:
+        if time.monotonic() - t0 < shift_s:
             p = next(chats_it)
             yield RequestSpec("sharegpt", p.text, "chat", "sharegpt")
         else:
@@ -218,8 +218,7 @@ async def _run(loop: Any, args: argparse.Namespace, progress: Progress, total_s:
     from rich.live import Live
 
     progress.t0 = time.monotonic()
-    t0 = [progress.t0]
-    requests = traffic(progress.shift_s, t0)
+    requests = traffic(progress.shift_s, progress.t0)
     replayer = Replayer(loop.url, loop.cfg.served_model_name, lambda: next(requests), users=args.users,
                         think_s=args.think_s, max_tokens=args.max_tokens, on_outcome=progress.add)
     stop = lambda: time.monotonic() - progress.t0 >= total_s  # noqa: E731

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from serving.replay import Outcome, acceptance
+from serving.swap import numeric_version
 
 
 def machine() -> dict[str, Any]:
@@ -49,7 +50,7 @@ def summarize(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[
         "requests": {"total": len(outcomes), "ok": len(outcomes) - len(failed), "failed": len(failed),
                      "errors": sorted({o.error for o in failed})[:10]},
         "domains": by_domain,
-        "versions_served": sorted({v for o in outcomes for v in o.versions}, key=_version_key),
+        "versions_served": sorted({v for o in outcomes for v in o.versions}, key=numeric_version),
         "promotions": list(promotions), "registry": registry, "trainer": trainer}
 
 
@@ -59,10 +60,6 @@ def _tokens_per_step(outcomes: Sequence[Outcome]) -> float | None:
     tokens = sum(o.completion_tokens for o in outcomes)
     steps = tokens - accepted  # each step emits its accepted drafts plus one target token
     return tokens / steps if steps > 0 else None
-
-
-def _version_key(v: str) -> tuple[int, str]:
-    return (int(v), "") if v.isdigit() else (-1, v)
 
 
 def plot(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[dict], path: Path, title: str,

@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from serving.swap import numeric_version
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -164,7 +166,7 @@ class LocalLoop:
         while time.monotonic() < deadline:
             infos = self.replica_infos()
             if len(infos) == self.cfg.replicas and all(
-                    i["drafter_version"].isdigit() and int(i["drafter_version"]) >= int(version) for i in infos.values()):
+                    numeric_version(i["drafter_version"]) >= int(version) for i in infos.values()):
                 return True
             time.sleep(0.5)
         return False
@@ -187,13 +189,13 @@ class LocalLoop:
             raise RuntimeError(f"the trainer is already running (pid {self.trainer.pid})")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.status_file.unlink(missing_ok=True)
-        log = open(self.trainer_log, "a")
-        log.write(f"\n=== start {self.trainer_starts + 1}: {' '.join(self.trainer_command())}\n")
-        log.flush()
+        cmd = self.trainer_command()
         full_env = {**os.environ, "MLFLOW_TRACKING_URI": self.cfg.mlflow_uri, **(env or {})}
-        self.trainer = subprocess.Popen(self.trainer_command(), cwd=ROOT, env=full_env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.trainer_log, "a") as log:
+            log.write(f"\n=== start {self.trainer_starts + 1}: {' '.join(cmd)}\n")
+            log.flush()
+            self.trainer = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
         self.trainer_starts += 1
 
     def kill_trainer(self) -> int | None:

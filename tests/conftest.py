@@ -65,3 +65,15 @@ def hf_reference() -> Callable[[Path], torch.nn.Module]:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
     return load
+
+
+SERVICE_VARS = ("SPECTUTOR_KAFKA_BOOTSTRAP", "SPECTUTOR_REDIS_URL", "MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture(scope="session")
+def services() -> dict[str, str]:
+    """The local Kafka, Redis and MLflow addresses (deploy/local/env.sh); skips when they are not set."""
+    missing = [k for k in SERVICE_VARS if not os.environ.get(k)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not set; run under deploy/local/with-services.sh kafka redis mlflow")
+    return {k: os.environ[k] for k in SERVICE_VARS}

@@ -64,6 +64,11 @@ def unreachable(exc: BaseException) -> bool:
     return False
 
 
+def backoff_s(failures: int, first_s: float, cap_s: float) -> float:
+    """Wait before the next try after `failures` consecutive failures: first_s, doubling, at most cap_s."""
+    return min(first_s * 2 ** (failures - 1), cap_s)
+
+
 @dataclass
 class PendingRegistration:
     """A gate winner that MLflow could not take yet; the trainer retries it with backoff.
@@ -85,7 +90,7 @@ class PendingRegistration:
     def failed(self, now: float, first_s: float, cap_s: float) -> float:
         """Count a failed attempt and schedule the next one: first_s, doubling, at most cap_s; returns the delay."""
         self.attempts += 1
-        delay = min(first_s * 2 ** (self.attempts - 1), cap_s)
+        delay = backoff_s(self.attempts, first_s, cap_s)
         self.next_try = now + delay
         return delay
 

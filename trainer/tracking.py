@@ -112,7 +112,7 @@ class MlflowTracker:
         """Send the queue oldest step first, in batches MLflow accepts; False if the server is unreachable."""
         from mlflow.exceptions import MlflowException
 
-        from trainer.lineage import unreachable
+        from trainer.lineage import backoff_s, unreachable
 
         ordered = sorted(self.queue, key=lambda m: m.step)  # stable: a step's points keep their order
         self.queue.clear()
@@ -124,7 +124,7 @@ class MlflowTracker:
                 if unreachable(exc):
                     self.queue.extend(ordered)
                     self._failures += 1
-                    delay = min(self.retry_first_s * 2 ** (self._failures - 1), self.retry_cap_s)
+                    delay = backoff_s(self._failures, self.retry_first_s, self.retry_cap_s)
                     self._retry_at = time.monotonic() + delay
                     log.warning("MLflow unreachable (%s); %d metric points kept, next try in %.0f s",
                                 type(exc).__name__, len(self.queue), delay)

@@ -39,13 +39,6 @@ PORT = int(os.environ.get("SPECTUTOR_TEST_LOOP_PORT", "8772"))
 OUTAGE_S = 20.0
 
 
-def _env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        pytest.skip(f"{name} is not set; run under deploy/local/with-services.sh kafka redis mlflow")
-    return value
-
-
 def pool(name: str, n: int = 6) -> list[str]:
     """n fixed prompts of one 'domain': what the draft can learn from one request carries to the next."""
     return [f"{name} question {i}: what comes after {name} number {i}?" for i in range(n)]
@@ -96,9 +89,9 @@ def _service(action: str, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory) -> Iterator[dict]:
-    kafka, redis_url, mlflow_uri = (_env("SPECTUTOR_KAFKA_BOOTSTRAP"), _env("SPECTUTOR_REDIS_URL"),
-                                    _env("MLFLOW_TRACKING_URI"))
+def loop(tmp_path_factory, services) -> Iterator[dict]:
+    kafka, redis_url, mlflow_uri = (services["SPECTUTOR_KAFKA_BOOTSTRAP"], services["SPECTUTOR_REDIS_URL"],
+                                    services["MLFLOW_TRACKING_URI"])
     from spectutor.loop import LocalLoop, LoopConfig
 
     root = tmp_path_factory.mktemp("loop")

@@ -30,17 +30,10 @@ METRICS_PORT = PORT + 1
 MAX_TOKENS = 8
 
 
-def _env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        pytest.skip(f"{name} is not set; run under deploy/local/with-services.sh kafka redis mlflow")
-    return value
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[dict]:
-    kafka, redis_url, mlflow_uri = (_env("SPECTUTOR_KAFKA_BOOTSTRAP"), _env("SPECTUTOR_REDIS_URL"),
-                                    _env("MLFLOW_TRACKING_URI"))
+def stack(tmp_path_factory, services) -> Iterator[dict]:
+    kafka, redis_url, mlflow_uri = (services["SPECTUTOR_KAFKA_BOOTSTRAP"], services["SPECTUTOR_REDIS_URL"],
+                                    services["MLFLOW_TRACKING_URI"])
     import ray
     from ray import serve
 

@@ -31,15 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def services() -> dict[str, str]:
-    env = {k: os.environ.get(k) for k in ("SPECTUTOR_KAFKA_BOOTSTRAP", "SPECTUTOR_REDIS_URL", "MLFLOW_TRACKING_URI")}
-    missing = [k for k, v in env.items() if not v]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not set; run under deploy/local/with-services.sh kafka redis mlflow")
-    return env
-
-
-@pytest.fixture(scope="module")
 def events(tiny_model):
     return served_events(tiny_model("llama"), 48, seed=5, pool=6)
 
