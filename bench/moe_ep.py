@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-prompts", type=int, default=200)
     p.add_argument("--heldout-prompts", type=int, default=60)
     p.add_argument("--max-tokens", type=int, default=256, help="prompt tokens kept per prompt")
+    p.add_argument("--table", choices=("balanced", "argmax"), default="balanced",
+                   help="token table: the solver's balanced clusters, or each token's best rank (uneven load)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="cpu")
     args = p.parse_args(argv)
@@ -211,18 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     plans: dict[tuple[int, int], tuple[smoe.Grouping, smoe.TokenTable]] = {}
     replay: dict[int, dict] = {}
     for ep in tqdm(eps, desc="s-EG plans + replay"):
-        agg = {"plain": [0, 0, 0, 0], "spec": [0, 0, 0, 0]}               # pairs, local, sends, bytes
+        agg = {m: [0, 0, 0, 0] for m in ("plain", "spec", "spec_other_table")}  # pairs, local, sends, bytes
         for li in chosen:
             prof = smoe.profile_layer(train["tokens"], train["experts"][li], num_experts)
             grouping = smoe.group_experts(prof, ep, restarts=2)
-            table = smoe.token_table(prof, grouping, cfg.vocab_size, ep, embeddings=embeddings)
+            table = smoe.token_table(prof, grouping, cfg.vocab_size, ep, embeddings=embeddings,
+                                     balanced=args.table == "balanced")
+            other = smoe.token_table(prof, grouping, cfg.vocab_size, ep, embeddings=embeddings,
+                                     balanced=args.table != "balanced")
             plans[(ep, li)] = (grouping, table)
             for b in args.batches:
                 for idx in batches[b]:
                     ex, tok = held["experts"][li][idx], held["tokens"][idx]
                     for mode, owner, placement in (
                             ("plain", smoe.plain_token_rank(b, ep), smoe.contiguous_placement(num_experts, ep)),
-                            ("spec", table.predict(tok), grouping.placement)):
+                            ("spec", table.predict(tok), grouping.placement),
+                            ("spec_other_table", other.predict(tok), grouping.placement)):
                         v = smoe.volume(ex, owner, placement, ep, hidden)
                         for k, val in enumerate((v.pairs, v.local_pairs, v.remote_sends, v.bytes)):
                             agg[mode][k] += val
@@ -230,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         replay[ep]["bytes_ratio"] = agg["spec"][3] / max(agg["plain"][3], 1)
         replay[ep]["lar_ratio"] = replay[ep]["spec"]["lar"] / max(replay[ep]["plain"]["lar"], 1e-9)
         print(f"replay ep={ep:>2}: LAR plain {replay[ep]['plain']['lar']:.3f} spec {replay[ep]['spec']['lar']:.3f} "
-              f"({replay[ep]['lar_ratio']:.2f}x), a2a bytes spec/plain {replay[ep]['bytes_ratio']:.3f}")
+              f"({replay[ep]['lar_ratio']:.2f}x), a2a bytes spec/plain {replay[ep]['bytes_ratio']:.3f}; "
+              f"with the {'argmax' if args.table == 'balanced' else 'balanced'} table: "
+              f"LAR {replay[ep]['spec_other_table']['lar']:.3f}, bytes ratio "
+              f"{agg['spec_other_table'][3] / max(agg['plain'][3], 1):.3f}")
 
     # 3. Live gloo runs on the chosen layers.
     blocks = [copy.deepcopy(held["blocks"][li]) for li in chosen]
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "folder": str(loaded.folder), "experts": num_experts, "top_k": top_k, "hidden": hidden,
         "moe_layers": n_moe, "layers_used": chosen, "train_prompts": len(train_texts), "heldout_prompts": len(held_texts),
         "train_tokens": train["tokens"].numel(), "heldout_tokens": num_held, "batches": args.batches,
-        "steps": args.steps, "replay": {str(k): v for k, v in replay.items()},
+        "steps": args.steps, "table": args.table, "replay": {str(k): v for k, v in replay.items()},
         "live": {str(ep): {str(k): v for k, v in d.items()} for ep, d in live.items()},
         "notes": ("CPU, gloo over loopback, 1 thread per rank on a shared 2-core machine: times are noisy and "
                   "a2a time is dominated by per-collective latency, not bytes. Bytes = activation rows sent to other "

@@ -169,18 +169,21 @@ class TokenTable:
 
 
 def token_table(profile: Profile, grouping: Grouping, vocab_size: int, ep: int,
-                embeddings: Tensor | None = None, chunk: int = 4096) -> TokenTable:
+                embeddings: Tensor | None = None, balanced: bool = True, chunk: int = 4096) -> TokenTable:
     """Build T and Tp from a grouping; tokens never profiled copy their nearest profiled neighbour.
 
+    `balanced` keeps the solver's token clusters (token load balanced across ranks); False sends
+    each token to the rank holding most of its expected activations (highest LAR, uneven load).
     The neighbour is the profiled token whose embedding row [D] has the highest cosine similarity.
     Without `embeddings` the fallback is `token_id % P` (a hash: spreads load, predicts at chance).
     """
     rank = torch.arange(vocab_size) % ep
     confidence = torch.zeros(vocab_size)
     seen = torch.zeros(vocab_size, dtype=torch.bool)
-    cp = profile.cp                                                       # [U, E]
-    local = (cp * (grouping.placement[None, :] == grouping.token_rank[:, None])).sum(1)  # [U]
-    rank[profile.tokens] = grouping.token_rank
+    mass = profile.cp @ torch.nn.functional.one_hot(grouping.placement, ep).double()  # [U, P]
+    token_rank = grouping.token_rank if balanced else mass.argmax(1)
+    local = mass.gather(1, token_rank[:, None]).squeeze(1)                # [U] Tp
+    rank[profile.tokens] = token_rank
     confidence[profile.tokens] = local.float()
     seen[profile.tokens] = True
     if embeddings is not None and profile.tokens.numel():
@@ -190,7 +193,7 @@ def token_table(profile: Profile, grouping: Grouping, vocab_size: int, ep: int,
         for start in range(0, missing.numel(), chunk):
             ids = missing[start:start + chunk]
             nearest = (unit[ids] @ known.T).argmax(dim=1)                 # [chunk]
-            rank[ids] = grouping.token_rank[nearest]
+            rank[ids] = token_rank[nearest]
             confidence[ids] = local[nearest].float()
     return TokenTable(rank, confidence, seen)
 

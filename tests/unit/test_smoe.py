@@ -50,6 +50,9 @@ def test_solver_recovers_planted_groups_and_balances_experts():
     table = token_table(profile_layer(ids, experts, E), g, VOCAB, EP)
     spec = volume(experts2, table.predict(ids2), g.placement, EP, hidden=8)
     assert spec.lar >= 0.9
+    assert (table.confidence[table.seen] > 0.5).float().mean() > 0.9      # Tp: most tokens are predictable
+    greedy = token_table(profile_layer(ids, experts, E), g, VOCAB, EP, balanced=False)
+    assert volume(experts2, greedy.predict(ids2), g.placement, EP, hidden=8).lar >= spec.lar - 0.01
     plain = volume(experts2, plain_token_rank(ids2.numel(), EP), contiguous_placement(E, EP), EP, hidden=8)
     assert abs(plain.lar - 1 / EP) < 0.05
     # Remote pairs fall by the predicted fraction: what is left is (1 - LAR) of all pairs.
