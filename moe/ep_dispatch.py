@@ -39,13 +39,18 @@ class EPMoELayer(nn.Module):
         if getattr(block, "shared", None) is not None:
             raise ValueError("EPMoELayer does not handle shared experts")
         self.router = block.router
-        self.placement = placement.long()                                  # [E] expert -> rank
         self.rank, self.ep, self.group = rank, ep, group
-        self.local_ids = (self.placement == rank).nonzero().squeeze(1)    # [El] global ids, ascending
-        self.slot_of = torch.full((placement.numel(),), -1, dtype=torch.long)  # [E] global id -> local slot
+        placement = placement.long().cpu()
+        if torch.bincount(placement, minlength=ep).tolist() != [placement.numel() // ep] * ep:
+            raise ValueError(f"placement must give each of the {ep} ranks {placement.numel() // ep} experts")
+        slot_of = torch.empty_like(placement)                              # [E] global id -> slot on its rank
         for r in range(ep):
-            ids = (self.placement == r).nonzero().squeeze(1)
-            self.slot_of[ids] = torch.arange(ids.numel())
+            ids = (placement == r).nonzero().squeeze(1)
+            slot_of[ids] = torch.arange(ids.numel())
+        self.local_ids = (placement == rank).nonzero().squeeze(1)         # [El] global ids, ascending
+        # Buffers, so `.to(device)` moves the routing maps with the experts.
+        self.register_buffer("placement", placement, persistent=False)    # [E] expert -> rank
+        self.register_buffer("slot_of", slot_of, persistent=False)
         src = block.experts
         self.experts = StackedExperts(self.local_ids.numel(), src.gate_up.shape[2], src.inner)
         with torch.no_grad():
@@ -56,7 +61,7 @@ class EPMoELayer(nn.Module):
     def owned(self, num_tokens: int, pred_rank: Tensor | None) -> tuple[Tensor, list[int], Tensor | None]:
         """(token order grouped by owner rank [T], group sizes [P], inverse order or None when unshuffled)."""
         if pred_rank is None:
-            order = torch.arange(num_tokens)
+            order = torch.arange(num_tokens, device=self.placement.device)
             sizes = [len(c) for c in order.tensor_split(self.ep)]
             return order, sizes, None
         order = pred_rank.long().argsort(stable=True)
@@ -80,7 +85,7 @@ class EPMoELayer(nn.Module):
     def _run_local(self, x: Tensor, slots: Tensor, weights: Tensor) -> Tensor:
         """Weighted sum over this rank's experts: rows x [N, D], slots/weights [N, A] (slot -1: not here)."""
         out = torch.zeros_like(x)
-        for j in range(self.local_ids.numel()):
+        for j in range(self.experts.gate_up.shape[0]):
             hit = slots == j                                               # [N, A]
             rows = hit.any(1).nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -101,7 +106,7 @@ class EPMoELayer(nn.Module):
         slots = self.slot_of[experts]                                      # [t, A] slot on that rank
 
         # Dedup: one row per (token, remote rank); its routes to other ranks are masked to slot -1.
-        dest = torch.zeros(xs.shape[0], self.ep, dtype=torch.bool)
+        dest = torch.zeros(xs.shape[0], self.ep, dtype=torch.bool, device=x.device)
         dest.scatter_(1, owner, True)
         dest[:, self.rank] = False
         send_rank, send_tok = dest.T.nonzero(as_tuple=True)                # grouped by destination rank

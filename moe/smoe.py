@@ -236,7 +236,7 @@ def shuffle_order(pred_rank: Tensor, ep: int) -> tuple[Tensor, Tensor]:
 def inverse_order(order: Tensor) -> Tensor:
     """[T] inverse permutation: x[order][inverse_order(order)] == x."""
     inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel())
+    inv[order] = torch.arange(order.numel(), device=order.device)
     return inv
 
 
