@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     held_texts = [q.text for q in islice(sharegpt_prompts("heldout"), args.heldout_prompts)]
     train = record_traces(loaded, train_texts, set(), args.max_tokens, "trace train")
     held = record_traces(loaded, held_texts, set(chosen), args.max_tokens, "trace heldout")
-    embeddings = loaded.model.embed.weight.detach().float()
+    # Unseen tokens take their nearest profiled neighbour's entry (same profiled set in every layer).
+    neighbours = smoe.nearest_profiled(train["tokens"].unique(), loaded.model.embed.weight.detach())
     print(f"model {args.model}: E={num_experts} top-{top_k} D={hidden}, {n_moe} MoE layers, live/replay layers {chosen}; "
           f"train {train['tokens'].numel()} tokens, held-out {held['tokens'].numel()} tokens")
 
@@ -217,10 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         for li in chosen:
             prof = smoe.profile_layer(train["tokens"], train["experts"][li], num_experts)
             grouping = smoe.group_experts(prof, ep, restarts=2)
-            table = smoe.token_table(prof, grouping, cfg.vocab_size, ep, embeddings=embeddings,
-                                     balanced=args.table == "balanced")
-            other = smoe.token_table(prof, grouping, cfg.vocab_size, ep, embeddings=embeddings,
-                                     balanced=args.table != "balanced")
+            table = smoe.token_table(prof, grouping, cfg.vocab_size, ep, neighbours, balanced=args.table == "balanced")
+            other = smoe.token_table(prof, grouping, cfg.vocab_size, ep, neighbours, balanced=args.table != "balanced")
             plans[(ep, li)] = (grouping, table)
             for b in args.batches:
                 for idx in batches[b]:

@@ -99,17 +99,18 @@ def _assign_tokens(mass: Tensor, freq: Tensor, ep: int, slack: float) -> Tensor:
     top = mass.gather(1, ranked[:, :2]) if ep > 1 else mass
     regret = top[:, 0] - (top[:, 1] if ep > 1 else 0)
     load = [0.0] * ep
-    out = torch.empty(mass.shape[0], dtype=torch.long)
+    out = [0] * mass.shape[0]
+    prefs, freqs = ranked.tolist(), freq.tolist()
     for j in regret.argsort(descending=True).tolist():  # host loop: U is small (thousands)
-        f = float(freq[j])
-        for r in ranked[j].tolist():
+        f = freqs[j]
+        for r in prefs[j]:
             if load[r] + f <= cap:
                 break
         else:
             r = min(range(ep), key=load.__getitem__)
         out[j] = r
         load[r] += f
-    return out
+    return torch.tensor(out, dtype=torch.long)
 
 
 def group_experts(profile: Profile, ep: int, rounds: int = 8, restarts: int = 4, slack: float = 0.1,
@@ -168,33 +169,41 @@ class TokenTable:
         return self.rank[token_ids.long()]
 
 
+def nearest_profiled(tokens: Tensor, embeddings: Tensor, chunk: int = 4096) -> Tensor:
+    """[V] for every token id, the index into `tokens` [U] of the profiled token nearest by embedding cosine.
+
+    Profiled tokens map to themselves. Every layer and ep sees the same profiled tokens, so this
+    is computed once and passed to `token_table`.
+    """
+    unit = torch.nn.functional.normalize(embeddings.float(), dim=1)       # [V, D]
+    known = unit[tokens]                                                  # [U, D]
+    out = torch.empty(unit.shape[0], dtype=torch.long)
+    for start in range(0, unit.shape[0], chunk):
+        out[start:start + chunk] = (unit[start:start + chunk] @ known.T).argmax(dim=1)
+    out[tokens] = torch.arange(tokens.numel())
+    return out
+
+
 def token_table(profile: Profile, grouping: Grouping, vocab_size: int, ep: int,
-                embeddings: Tensor | None = None, balanced: bool = True, chunk: int = 4096) -> TokenTable:
+                neighbours: Tensor | None = None, balanced: bool = True) -> TokenTable:
     """Build T and Tp from a grouping; tokens never profiled copy their nearest profiled neighbour.
 
     `balanced` keeps the solver's token clusters (token load balanced across ranks); False sends
     each token to the rank holding most of its expected activations (highest LAR, uneven load).
-    The neighbour is the profiled token whose embedding row [D] has the highest cosine similarity.
-    Without `embeddings` the fallback is `token_id % P` (a hash: spreads load, predicts at chance).
+    `neighbours` [V] is `nearest_profiled(profile.tokens, embeddings)`. Without it the fallback
+    for unseen tokens is `token_id % P` (a hash: spreads load, predicts at chance).
     """
-    rank = torch.arange(vocab_size) % ep
-    confidence = torch.zeros(vocab_size)
-    seen = torch.zeros(vocab_size, dtype=torch.bool)
     mass = profile.cp @ torch.nn.functional.one_hot(grouping.placement, ep).double()  # [U, P]
     token_rank = grouping.token_rank if balanced else mass.argmax(1)
-    local = mass.gather(1, token_rank[:, None]).squeeze(1)                # [U] Tp
-    rank[profile.tokens] = token_rank
-    confidence[profile.tokens] = local.float()
+    local = mass.gather(1, token_rank[:, None]).squeeze(1).float()        # [U] Tp
+    seen = torch.zeros(vocab_size, dtype=torch.bool)
     seen[profile.tokens] = True
-    if embeddings is not None and profile.tokens.numel():
-        unit = torch.nn.functional.normalize(embeddings.float(), dim=1)   # [V, D]
-        known = unit[profile.tokens]                                      # [U, D]
-        missing = (~seen).nonzero().squeeze(1)
-        for start in range(0, missing.numel(), chunk):
-            ids = missing[start:start + chunk]
-            nearest = (unit[ids] @ known.T).argmax(dim=1)                 # [chunk]
-            rank[ids] = token_rank[nearest]
-            confidence[ids] = local[nearest].float()
+    if neighbours is not None and profile.tokens.numel():
+        return TokenTable(token_rank[neighbours], local[neighbours], seen)
+    rank = torch.arange(vocab_size) % ep
+    confidence = torch.zeros(vocab_size)
+    rank[profile.tokens] = token_rank
+    confidence[profile.tokens] = local
     return TokenTable(rank, confidence, seen)
 
 

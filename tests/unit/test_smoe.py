@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.smoe import (contiguous_placement, group_experts, inverse_order, permute_experts,
+from moe.smoe import (contiguous_placement, group_experts, inverse_order, nearest_profiled, permute_experts,
                       placement_permutation, plain_token_rank, profile_layer, remote_destinations,
                       shuffle_order, token_table, volume)
 
@@ -76,7 +76,7 @@ def test_unseen_tokens_copy_their_nearest_neighbour():
     g = group_experts(prof, EP)
     emb = torch.randn(VOCAB, 16, generator=torch.Generator().manual_seed(0))
     emb[100:] = emb[:100] * 2.0                                            # token 100 + j points like token j
-    table = token_table(prof, g, VOCAB, EP, embeddings=emb)
+    table = token_table(prof, g, VOCAB, EP, neighbours=nearest_profiled(prof.tokens, emb))
     seen = prof.tokens
     assert table.seen[seen].all() and not table.seen[100:].any()
     assert torch.equal(table.rank[seen + 100], table.rank[seen])
