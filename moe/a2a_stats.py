@@ -98,7 +98,9 @@ def instrument_deepspeed(model: nn.Module, stats: A2AStats) -> Iterator[A2AStats
 
     Layers are numbered by their order in `model.modules()`; each forward of `model` is a step.
     Per call it records the whole [E, C, D] buffer's bytes to other ranks (capacity padding
-    included, since that is what DeepSpeed sends) and how many of those rows hold real tokens.
+    included, since that is what DeepSpeed sends) and how many of those rows hold real tokens:
+    rows that are not all zero (the padding is zeros, and a bias-free expert maps zeros to zeros).
+    ExactGate's one-integer all-reduce of the capacity (moe/ds_moe.py) is not recorded.
     """
     import torch.distributed as dist
     from deepspeed.moe import sharded_moe
