@@ -16,6 +16,8 @@ SUPPORTED = {
     "olmoe": "olmoe",
 }
 
+ROUTER_WEIGHTINGS = ("softmax", "none")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -51,6 +53,11 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     """Renormalise the top-k routing weights to sum to 1 (Mixtral always does)."""
+    router_weighting: str = "softmax"
+    """How chosen experts are weighted: "softmax" (the router's probabilities, as trained MoE
+    models do) or "none" (every chosen expert counts 1, MoEfication's convention: experts that
+    split a dense FFN's neurons then sum back to that FFN when k = E). Read from the config key
+    `spectutor_router_weighting`, which only spectutor's MoEfied checkpoints carry."""
     shared_expert_intermediate_size: int = 0
     """Width of Qwen2-MoE's always-on shared expert (0 = none)."""
     sparse_layers: tuple[int, ...] = ()
@@ -128,6 +135,11 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
         else:
             sparse = tuple(range(layers))
 
+    weighting = str(cfg.get("spectutor_router_weighting") or "softmax")
+    if weighting not in ROUTER_WEIGHTINGS:
+        raise UnsupportedArchitectureError(
+            f"spectutor_router_weighting={weighting!r} is not supported (supported: {', '.join(ROUTER_WEIGHTINGS)})")
+
     return ModelConfig(
         model_type=model_type,
         vocab_size=int(cfg["vocab_size"]),
@@ -150,6 +162,7 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
         top_k=top_k,
         moe_intermediate_size=moe_inter,
         norm_topk_prob=norm_topk,
+        router_weighting=weighting,
         shared_expert_intermediate_size=shared,
         sparse_layers=sparse,
     )

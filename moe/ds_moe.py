@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from moe.config import ModelConfig
 from moe.layers import GatedMLP
+from moe.moe_block import route_topk
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -28,19 +29,18 @@ from deepspeed.moe.sharded_moe import TopKGate  # noqa: E402
 
 
 class ExactGate(TopKGate):
-    """A DeepSpeed gate that routes like the model (softmax, top-k, optional renorm), dropping nothing."""
+    """A DeepSpeed gate that routes like the model (softmax, top-k, its weighting), dropping nothing."""
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, renormalize: bool):
+    def __init__(self, hidden: int, num_experts: int, top_k: int, renormalize: bool, weighting: str = "softmax"):
         super().__init__(hidden, num_experts, k=top_k, drop_tokens=False, use_rts=False,
                          top2_2nd_expert_sampling=False)
         self.renormalize = renormalize
+        self.weighting = weighting
 
     def forward(self, x: Tensor, used_token: Tensor | None = None, sparse_routes: bool = True,
                 use_tutel: bool = False) -> tuple[Any, ...]:
         logits = F.linear(x.float(), self.wg.weight.float())              # [T, E]
-        weights, experts = logits.softmax(dim=-1).topk(self.k, dim=-1)    # [T, A]
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, experts = route_topk(logits, self.k, self.renormalize, self.weighting)  # [T, A]
         num_experts = logits.shape[1]
         chosen = torch.zeros_like(logits, dtype=torch.long).scatter_(1, experts, 1)  # [T, E]
         counts = chosen.sum(0)                                            # [E]
@@ -67,7 +67,8 @@ class DeepSpeedMoEBlock(nn.Module):
         expert = GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size)
         self.moe = MoE(hidden_size=cfg.hidden_size, expert=expert, num_experts=cfg.num_experts, ep_size=ep_size,
                        k=cfg.top_k, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
-        self.moe.deepspeed_moe.gate = ExactGate(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
+        self.moe.deepspeed_moe.gate = ExactGate(cfg.hidden_size, cfg.num_experts, cfg.top_k,
+                                                  cfg.norm_topk_prob, cfg.router_weighting)
         self.shared = None
         if cfg.shared_expert_intermediate_size:
             self.shared = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)

@@ -53,6 +53,11 @@ def resolve_model(spec: str) -> Path:
         gguf = default_gguf()
         out = spectutor_home() / "models" / DEFAULT_MODEL
         return out if is_converted(out, gguf) else convert_gguf(gguf, out)
+    from moe.moefy_build import named_cut, resolve_named
+
+    cut = named_cut(spec)
+    if cut is not None:
+        return resolve_named(spec, cut)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         out = _gguf_cache_dir(path)

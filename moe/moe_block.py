@@ -13,26 +13,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe.config import ModelConfig
+from moe.gating import topk_routing
 from moe.layers import GatedMLP
 
 
 class Router(nn.Module):
-    """Softmax over expert logits (in fp32), top-k, optional renormalisation of the k weights."""
+    """Softmax over expert logits (in fp32), top-k, then the checkpoint's weighting of the k routes.
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, renormalize: bool):
+    `weighting="softmax"` keeps the k probabilities (renormalised to sum to 1 when `renormalize`);
+    `"none"` gives every chosen expert weight 1 (MoEfied checkpoints, see moe/moefy.py).
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, renormalize: bool, weighting: str = "softmax"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         self.top_k = top_k
         self.renormalize = renormalize
+        self.weighting = weighting
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, D] -> (weights [T, A] fp32, experts [T, A] int64)."""
         logits = F.linear(x.float(), self.weight.float())        # [T, E]
-        probs = logits.softmax(dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)         # [T, A]
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, experts
+        return route_topk(logits, self.top_k, self.renormalize, self.weighting)
+
+
+def route_topk(logits: Tensor, top_k: int, renormalize: bool, weighting: str) -> tuple[Tensor, Tensor]:
+    """logits [T, E] -> (weights [T, A], experts [T, A]) as a checkpoint of this kind routes."""
+    routing = topk_routing(logits, top_k, normalize_topk=renormalize and weighting == "softmax",
+                           weighting=weighting)
+    return routing.weights, routing.experts
 
 
 class StackedExperts(nn.Module):
@@ -55,7 +64,8 @@ class MoEBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
+        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
+                             cfg.router_weighting)
         self.experts = StackedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared = None
         if cfg.shared_expert_intermediate_size:

@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     from spectutor.serve_cmd import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+
+    from spectutor.moefy_cmd import add_parser as add_moefy_parser
+
+    add_moefy_parser(sub)
     return parser
 
 
