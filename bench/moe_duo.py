@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from bench.decode import machine  # noqa: E402
 from bench.speculative import load_prompts, make_engine, run_engine  # noqa: E402
 from drafters.self_spec import duo_small_drafter  # noqa: E402
-from moe.duo import (BIG, DistillConfig, attach_duo, detach_duo, ensure_small_modules, fixed_route,  # noqa: E402
-                     layer_groups, layer_preference, oracle, random_routes, route_flops, route_losses,
+from moe.duo import (BIG, DistillConfig, RandomRoutingConfig, attach_duo, detach_duo,  # noqa: E402
+                     ensure_random_routing, ensure_small_modules, fixed_route, layer_groups, layer_preference, oracle, random_routes, route_flops, route_losses,
                      routes_with_budget, text_chunks)
 from moe.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from serving.engine import Engine, EngineConfig  # noqa: E402
@@ -207,7 +207,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("tokens / s (batch 1, greedy)")
     ax.set_title("self-speculation vs draft LM")
     ax.legend(fontsize=7)
-    fig.suptitle(f"Duo-LLM on {result['model']} (small FFN width {result['small_width']}), "
+    fig.suptitle(f"Duo-LLM on {result['model']} (small FFNs {result['small_version']}), "
                  f"{result['threads']} threads — {result['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -223,6 +223,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--draft-layers", type=int, default=4, help="layers of the target kept in the draft LM")
     ap.add_argument("--distill-steps", type=int, default=300, help="Adam steps per layer")
+    ap.add_argument("--rr-steps", type=int, default=0,
+                    help="steps of the paper's stage 1 (random big/small routes, p=0.5, KL to the dense model) "
+                         "on top of the layer-local distillation; 0 skips it")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -238,8 +241,18 @@ def main() -> int:
           f"(pruned init mean {sum(x['rel_mse_init'] for x in meta['layers']) / len(rel):.3f})", flush=True)
     result = {"model": DEFAULT_MODEL, "threads": args.threads, "machine": machine(), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "num_layers": lm.config.num_layers, "small_width": meta["width"], "random_routes": args.random_routes,
+        "num_layers": lm.config.num_layers, "small_width": meta["width"], "small_version": meta["version"],
+        "random_routes": args.random_routes,
         "distillation": {"version": meta["version"], "config": meta["distill"], "layers": meta["layers"]}}
+    if args.rr_steps:
+        smalls, meta = ensure_random_routing(DEFAULT_MODEL, smalls, meta, lm.tokenizer,
+                                             RandomRoutingConfig(steps=args.rr_steps))
+        kl = meta["kl_history"]
+        k = max(1, len(kl) // 5)
+        print(f"random-routing fine-tune ({meta['version']}): KL to dense, first {k} steps {sum(kl[:k]) / k:.3f}, "
+              f"last {k} steps {sum(kl[-k:]) / k:.3f} nats/token", flush=True)
+        result["small_version"] = meta["version"]
+        result["random_routing"] = {"version": meta["version"], "config": meta["random_routing"], "kl_history": kl}
 
     attach_duo(lm.model, smalls)
     held = text_chunks(lm.tokenizer, (p.text for p in sharegpt_prompts("heldout")), args.sequences, args.tokens)

@@ -234,6 +234,16 @@ def route_losses(model: LeanDecoder, tokens: Tensor, routes: Sequence[Route],
     return out
 
 
+def routed_sequence_logits(model: LeanDecoder, tokens: Tensor, routes: Tensor) -> Tensor:
+    """Logits [B, N, V] of whole sequences with per-token codes routes [L, B, N]; differentiable (training)."""
+    ctx = seq_context(model, tokens)
+    x = model.embed(tokens.to(model.embed.weight.device))
+    for layer, r in zip(model.layers, routes):
+        h = attention_part(layer, x, ctx)
+        x = h + mix_routes(layer.post_norm(h), r.to(h.device), layer.mlp.big, layer.mlp.small)
+    return model.lm_head(model.norm(x)).float()
+
+
 # ---- route sets and the oracle ----------------------------------------------------------------------------
 
 def layer_groups(num_layers: int, num_groups: int) -> list[tuple[int, ...]]:
@@ -436,6 +446,63 @@ def distill_small_modules(model: LeanDecoder, tokens: Tensor, cfg: DistillConfig
     return smalls, stats
 
 
+@dataclass(frozen=True)
+class RandomRoutingConfig:
+    """Stage 1 of the paper (spec §4.2), small FFNs only: random big/small routes, KL to the dense model."""
+
+    steps: int = 40
+    p_big: float = 0.5
+    """Probability that a token uses the big FFN in a layer (else the small one)."""
+    batch: int = 4
+    """Sequences per step."""
+    lr: float = 1e-3
+    sequences: int = 64
+    """ShareGPT "train" text chunks to draw batches from."""
+    seq_len: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.p_big <= 1:
+            raise ValueError(f"p_big must be in [0, 1], got {self.p_big}")
+        if self.steps < 0 or self.batch < 1 or self.lr <= 0:
+            raise ValueError("steps >= 0, batch >= 1 and lr > 0 are required")
+
+
+def train_random_routing(model: LeanDecoder, tokens: Tensor, cfg: RandomRoutingConfig,
+                         progress: bool = True) -> list[float]:
+    """Fine-tune the attached small FFNs end to end; returns the KL(dense || routed) per step (nats/token).
+
+    Per token and layer the route is big with probability `p_big`, else small. Only the small FFNs
+    learn: big FFNs, attention, embeddings and head stay frozen. The model's weights must be plain
+    (autograd-capable) tensors: load it with fast_kernels=False.
+    """
+    from tqdm import tqdm
+
+    duos = duo_layers(model)
+    model.requires_grad_(False)
+    params = [p for d in duos for p in d.small.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    L, (b, n) = len(duos), (min(cfg.batch, tokens.shape[0]), tokens.shape[1])
+    history = []
+    for _ in tqdm(range(cfg.steps), desc=f"random-routing fine-tune (p_big {cfg.p_big})", disable=not progress):
+        toks = tokens[torch.randperm(tokens.shape[0], generator=g)[:b]]
+        with torch.no_grad():
+            teacher = sequence_logits(model, toks, [BIG] * L).log_softmax(-1)           # [b, N, V]
+        routes = torch.where(torch.rand(L, b, n, generator=g) < cfg.p_big, BIG, SMALL)  # [L, b, N]
+        student = routed_sequence_logits(model, toks, routes).log_softmax(-1)
+        loss = F.kl_div(student, teacher, log_target=True, reduction="sum") / (b * n)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())  # host sync: a progress figure, once per step
+    for p in params:
+        p.requires_grad_(False)
+    return history
+
+
 # ---- saving, loading, building once -----------------------------------------------------------------------
 
 def duo_folder(name: str, width: int) -> Path:
@@ -499,6 +566,34 @@ def ensure_small_modules(name: str, folder: Path, model: LeanDecoder, tokenizer,
             "version": f"duo-small-{width}-{identity[:12]}"}
     save_small_modules(smalls, out, meta)
     return smalls, meta
+
+
+def ensure_random_routing(name: str, smalls: Sequence[GatedMLP], base_meta: dict, tokenizer,
+                          cfg: RandomRoutingConfig = RandomRoutingConfig(),
+                          progress: bool = True) -> tuple[list[GatedMLP], dict]:
+    """The small FFNs of `base_meta` after `train_random_routing`, cached beside them as <...>-rr<steps>/."""
+    import copy
+
+    from moe.loader import load_model
+    from serving.traffic import sharegpt_prompts
+
+    base = duo_folder(name, base_meta["width"])
+    out = base.with_name(f"{base.name}-rr{cfg.steps}")
+    want = {"base_version": base_meta["version"], "random_routing": dataclasses.asdict(cfg)}
+    if (out / "duo.json").is_file() and (out / "small.safetensors").is_file():
+        tuned, meta = load_small_modules(out)
+        if all(meta.get(k) == v for k, v in want.items()):
+            return tuned, meta
+    model = load_model(name, fast_kernels=False, with_tokenizer=False).model  # plain weights: autograd runs through them
+    tuned = [copy.deepcopy(s) for s in smalls]
+    attach_duo(model, tuned)
+    tokens = text_chunks(tokenizer, (p.text for p in sharegpt_prompts("train")), cfg.sequences, cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    history = train_random_routing(model, tokens, cfg, progress)
+    tuned = [t.eval() for t in detach_duo(model)]
+    meta = {**base_meta, **want, "version": f"{base_meta['version']}-rr{cfg.steps}", "kl_history": history}
+    save_small_modules(tuned, out, meta)
+    return tuned, meta
 
 
 def perplexity(mean_loss: float) -> float:

@@ -10,10 +10,10 @@ from torch import nn
 
 from drafters.self_spec import duo_small_drafter, small_everywhere_model
 from moe.config import ModelConfig
-from moe.duo import (BIG, SKIP, SMALL, DistillConfig, attach_duo, budget_loss, detach_duo, distill_small_modules,
+from moe.duo import (BIG, SKIP, SMALL, DistillConfig, RandomRoutingConfig, attach_duo, budget_loss, detach_duo, distill_small_modules,
                      ffn_flops, fixed_route, layer_groups, load_small_modules, mix_routes, mix_routes_reference,
                      oracle, route_flops, route_losses, routes_with_budget, save_small_modules, sequence_logits,
-                     set_route, set_token_routes)
+                     set_route, set_token_routes, train_random_routing)
 from moe.generate import SamplingParams, generate
 from moe.layers import GatedMLP
 from moe.loader import load_model
@@ -200,6 +200,21 @@ def test_distill_save_load_roundtrip(tiny, tmp_path):
     loaded, meta = load_small_modules(tmp_path)
     for a, b in zip(smalls, loaded):
         assert torch.equal(a.gate_up.weight, b.gate_up.weight) and torch.equal(a.down.weight, b.down.weight)
+
+
+def test_random_routing_finetune_trains_only_the_small_ffns(tiny):
+    _, dense = tiny
+    model = copy.deepcopy(dense)
+    smalls = _smalls(model)
+    attach_duo(model, smalls)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".small." not in k}
+    before = [s.down.weight.clone() for s in smalls]
+    tokens = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    kl = train_random_routing(model, tokens, RandomRoutingConfig(steps=25, lr=1e-2, batch=4), progress=False)
+    assert sum(kl[-5:]) < sum(kl[:5])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
+    assert all(not torch.equal(b, s.down.weight) for b, s in zip(before, smalls))
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_small_everywhere_drafter_is_token_exact_through_the_engine(tiny):
