@@ -284,7 +284,7 @@ def main() -> int:
                   f"identical {r['identical_to_none']}/{r['prompts']}", flush=True)
     result["seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "moe-duo-cpu"
+    stem = args.out / ("moe-duo-cpu" + (f"-rr{args.rr_steps}" if args.rr_steps else ""))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png in {result['seconds']:.0f} s")
