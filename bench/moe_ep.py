@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     train_local: dict[int, list[float]] = {ep: [] for ep in eps}
     replay: dict[int, dict] = {}
     for ep in tqdm(eps, desc="s-EG plans + replay"):
-        agg = {m: [0, 0, 0, 0] for m in ("plain", "spec", "spec_other_table", "oracle")}  # pairs, local, sends, bytes
+        # pairs, local pairs, sends, bytes, summed token-load skew, batches
+        agg = {m: [0, 0, 0, 0, 0.0, 0] for m in ("plain", "spec", "spec_other_table", "oracle")}
         for li in chosen:
             prof = smoe.profile_layer(train["tokens"], train["experts"][li], num_experts)
             grouping = smoe.group_experts(prof, ep, restarts=2, slack=args.slack)
@@ -240,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                             ("spec_other_table", other.predict(tok), grouping.placement),
                             ("oracle", best_rank(ex, grouping.placement, ep), grouping.placement)):
                         v = smoe.volume(ex, owner, placement, ep, hidden)
-                        for k, val in enumerate((v.pairs, v.local_pairs, v.remote_sends, v.bytes)):
+                        # Busiest rank's tokens over the even share: the all-gather pads to it, compute waits on it.
+                        skew = float(torch.bincount(owner, minlength=ep).max()) * ep / b
+                        for k, val in enumerate((v.pairs, v.local_pairs, v.remote_sends, v.bytes, skew, 1)):
                             agg[mode][k] += val
-        replay[ep] = {m: {"lar": a[1] / a[0], "remote_sends": a[2], "bytes": a[3]} for m, a in agg.items()}
+        replay[ep] = {m: {"lar": a[1] / a[0], "remote_sends": a[2], "bytes": a[3], "token_load_skew": a[4] / a[5]}
+                      for m, a in agg.items()}
         replay[ep]["train_expected_local_rate"] = statistics.mean(train_local[ep])
         replay[ep]["bytes_ratio"] = agg["spec"][3] / max(agg["plain"][3], 1)
         replay[ep]["lar_ratio"] = replay[ep]["spec"]["lar"] / max(replay[ep]["plain"]["lar"], 1e-9)
@@ -252,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
               f"LAR {replay[ep]['spec_other_table']['lar']:.3f}, bytes ratio "
               f"{agg['spec_other_table'][3] / max(agg['plain'][3], 1):.3f}; perfect prediction (same placement): "
               f"LAR {replay[ep]['oracle']['lar']:.3f}, bytes ratio {agg['oracle'][3] / max(agg['plain'][3], 1):.3f}; "
-              f"expected LAR on the profile {replay[ep]['train_expected_local_rate']:.3f}")
+              f"expected LAR on the profile {replay[ep]['train_expected_local_rate']:.3f}; busiest rank's tokens / even "
+              f"share: plain {replay[ep]['plain']['token_load_skew']:.2f} spec {replay[ep]['spec']['token_load_skew']:.2f} "
+              f"other table {replay[ep]['spec_other_table']['token_load_skew']:.2f}")
 
     # 3. Live gloo runs on the chosen layers.
     blocks = [copy.deepcopy(held["blocks"][li]) for li in chosen]
