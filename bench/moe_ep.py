@@ -333,8 +333,10 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(eps, [result["replay"][str(e)]["plain"]["lar"] for e in eps], "o-", label="plain EP")
     ax.plot(eps, [result["replay"][str(e)]["spec"]["lar"] for e in eps], "o-", label="s-MoE (s-EG + shuffle)")
     ax.plot(eps, [result["replay"][str(e)]["oracle"]["lar"] for e in eps], "o--", label="s-EG, perfect prediction")
-    ax.set(xscale="log", xlabel="ep", ylabel="local activation rate", title="LAR, held-out replay")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="ep", ylabel="local activation rate", title="LAR, held-out replay")
     ax.set_xticks(eps, [str(e) for e in eps])
+    ax.minorticks_off()
     ax.legend()
     ax = axes[1]
     ax.plot(eps, [result["replay"][str(e)]["bytes_ratio"] for e in eps], "o-", label="replay")
@@ -342,8 +344,10 @@ def plot(result: dict, path: Path) -> None:
         ax.plot([int(ep)] * len(result["batches"]), [d[str(b)]["bytes_ratio"] for b in result["batches"]], "x",
                 label=f"live ep={ep}")
     ax.axhline(0.5, ls="--", c="grey")
-    ax.set(xscale="log", xlabel="ep", ylabel="a2a bytes, s-MoE / plain", title="all-to-all volume ratio")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="ep", ylabel="a2a bytes, s-MoE / plain", title="all-to-all volume ratio")
     ax.set_xticks(eps, [str(e) for e in eps])
+    ax.minorticks_off()
     ax.legend()
     ax = axes[2]
     labels, plain, spec = [], [], []
@@ -358,7 +362,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(list(xs), labels)
     ax.set(ylabel="MoE layer median ms (gloo, CPU)", title="MoE layer latency")
     ax.legend()
-    fig.suptitle(f"{result['model']}: E={result['experts']} top-{result['top_k']}, layers {result['layers_used']}")
+    fig.suptitle(f"{result['model']}: E={result['experts']} top-{result['top_k']}, layers {result['layers_used']}, "
+                 f"{result.get('table', 'balanced')} token table")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
