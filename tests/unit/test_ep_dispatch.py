@@ -11,15 +11,18 @@ E, K, D, I = 8, 2, 32, 24
 PREDICTORS = ("plain", "perfect", "random", "adversarial")
 
 
-def make_block(seed: int = 0, num_experts: int = E, top_k: int = K):
-    """A random Mixtral-style MoE block (fp32), built from a config as the loader builds it."""
+def make_block(seed: int = 0, num_experts: int = E, top_k: int = K, weighting: str = "softmax"):
+    """A random Mixtral-style MoE block (fp32), built from a config as the loader builds it.
+
+    `weighting="none"` gives every chosen expert weight 1, as MoEfied checkpoints route.
+    """
     from moe.config import config_from_hf
     from moe.moe_block import MoEBlock
 
     cfg = config_from_hf({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": D,
                           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": num_experts,
                           "num_experts_per_tok": top_k, "intermediate_size": I, "num_hidden_layers": 1,
-                          "vocab_size": 16})
+                          "vocab_size": 16, "spectutor_router_weighting": weighting})
     block = MoEBlock(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -49,7 +52,7 @@ def _worker(rank: int, ep: int, port: int, out_dir: str) -> None:
     init_process_group(rank, ep, port, backend="gloo")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(37, D, generator=gen)                                  # same on every rank
-    blocks = [make_block(seed) for seed in (0, 1)]
+    blocks = [make_block(0), make_block(1, weighting="none")]            # both routing weightings
     placement = torch.randperm(E, generator=gen) % ep                      # a scattered, balanced placement
     results = {}
     for kind in PREDICTORS:
@@ -89,7 +92,7 @@ def test_ep_dispatch_is_lossless_and_counts_its_bytes(ep, tmp_path):
     placement = ranks[0]["placement"]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(37, D, generator=gen)
-    blocks = [make_block(seed) for seed in (0, 1)]
+    blocks = [make_block(0), make_block(1, weighting="none")]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
