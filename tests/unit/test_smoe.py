@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from moe.smoe import (contiguous_placement, group_experts, inverse_order, nearest_profiled, permute_experts,
-                      placement_permutation, plain_token_rank, profile_layer, remote_destinations,
+from moe.smoe import (apply_placement, coactivation, contiguous_placement, group_experts, inverse_order,
+                      nearest_profiled, placement_permutation, plain_token_rank, profile_layer, remote_destinations,
                       shuffle_order, token_table, volume)
 
 E, EP, K, VOCAB = 16, 4, 2, 200
@@ -36,6 +36,11 @@ def test_profile_counts_every_route():
     assert p.tokens.tolist() == [3, 5] and p.freq.tolist() == [1, 3]
     assert p.count.tolist() == [[0, 1, 1], [3, 2, 1]]
     torch.testing.assert_close(p.cp.sum(1), torch.ones(2, dtype=torch.float64))
+
+
+def test_coactivation_counts_shared_tokens():
+    m = coactivation(torch.tensor([[0, 1], [1, 2], [0, 1]]), 3)
+    assert m.tolist() == [[2, 2, 0], [2, 3, 1], [0, 1, 1]]
 
 
 def test_solver_recovers_planted_groups_and_balances_experts():
@@ -92,11 +97,8 @@ def test_placement_permutation_leaves_routing_and_output_unchanged():
     perm = placement_permutation(placement)
     assert placement[perm].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     moved = make_block(5, num_experts=8, top_k=3)
-    with torch.no_grad():
-        w, gu, d = permute_experts(block.router.weight, block.experts.gate_up, block.experts.down, perm)
-        moved.router.weight.copy_(w)
-        moved.experts.gate_up.copy_(gu)
-        moved.experts.down.copy_(d)
+    assert torch.equal(apply_placement(moved, placement), perm)
+    assert torch.equal(moved.experts.down[2], block.experts.down[perm[2]])
     x = torch.randn(2, 9, 32)
     w0, e0 = block.router(x.reshape(-1, 32))
     w1, e1 = moved.router(x.reshape(-1, 32))
