@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"live ep={ep}: max |plain - spec| / max |plain| output difference {live[ep]['max_rel_diff_plain_vs_spec']:.2e}")
 
     result = {
-        "model": args.model, "folder": str(loaded.folder), "build": build_marker(loaded.folder), "experts": num_experts, "top_k": top_k, "hidden": hidden,
+        "model": args.model, "folder": str(loaded.folder), "build": build_marker(loaded.folder),
+        "experts": num_experts, "top_k": top_k, "hidden": hidden,
         "moe_layers": n_moe, "layers_used": chosen, "train_prompts": len(train_texts), "heldout_prompts": len(held_texts),
         "train_tokens": train["tokens"].numel(), "heldout_tokens": num_held, "batches": args.batches,
         "steps": args.steps, "table": args.table, "slack": args.slack, "replay": {str(k): v for k, v in replay.items()},

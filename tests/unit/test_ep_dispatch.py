@@ -73,8 +73,8 @@ def _worker(rank: int, ep: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _single(x, blocks, preds):
-    """The single-process stack and, per layer, its (token, remote rank) sends under each ownership."""
+def _single(x, blocks):
+    """The single-process stack's output and each layer's input."""
     h, inputs = x, []
     for block in blocks:
         inputs.append(h)
@@ -96,7 +96,7 @@ def test_ep_dispatch_is_lossless_and_counts_its_bytes(ep, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        want, inputs = _single(x, blocks, None)
+        want, inputs = _single(x, blocks)
     finally:
         torch.set_num_threads(threads)
     sent = {}
@@ -165,8 +165,9 @@ def _ds_worker(rank: int, folder: str, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_deepspeed_instrumentation_records_each_layer_and_step(tiny_model, tmp_path):
-    from moe.config import config_from_hf
     import json
+
+    from moe.config import config_from_hf
 
     folder = tiny_model("mixtral")
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
