@@ -1,14 +1,16 @@
 """MoE benchmarks: the MoEfied target's quality table, expert parallelism, Duo-LLM.
 
-    python bench/moe.py quality [--experts 16 64] [--texts 16] [--new-tokens 32]
+    python bench/moe.py quality [--experts 16 64] [--texts 16]
+    python bench/moe.py speed [--texts 8] [--new-tokens 32]   decode speed, dense vs the MoE target
     python bench/moe.py ep  [bench/moe_ep.py's arguments]    all-to-all volume and latency, plain EP vs s-MoE
     python bench/moe.py duo [bench/moe_duo.py's arguments]   oracle table and the small-FFN drafter
 
 `quality` cuts SmolLM2-135M into E experts per layer (moe/moefy.py; cached under
 $SPECTUTOR_HOME/models) and, for k = E/4, E/2, 3E/4 and E, reports on held-out ShareGPT and
 HumanEval prompts: next-token agreement with the dense model (argmax of the same prefix),
-perplexity of the prompts' own next tokens, and batch-1 greedy decode speed of the lean decoder
-against the dense model in the same run. Writes bench/results/moe-quality-cpu.{json,png}.
+and perplexity of the prompts' own next tokens. Writes bench/results/moe-quality-cpu.{json,png}.
+`speed` times batch-1 greedy decode of the dense model and the default MoE target (local block and
+DeepSpeed's MoE layer), prompt by prompt in one run. Writes bench/results/moe-speed-cpu.json.
 """
 from __future__ import annotations
 
@@ -33,23 +35,13 @@ from moe.moefy_build import DEFAULT_CUT, encode_texts, quality, sample_texts  # 
 from serving.traffic import humaneval_prompts  # noqa: E402
 
 
-def _decode_speed(model, prompts: list[list[int]], new_tokens: int) -> float:
-    params = SamplingParams(max_new_tokens=new_tokens)  # no EOS ids: every prompt makes new_tokens
-    made, start = 0, time.perf_counter()
-    for p in prompts:
-        made += len(generate(model, p, params))
-    return made / (time.perf_counter() - start)
-
-
 def run_quality(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     dense = load_model(DEFAULT_MODEL)
     tok = dense.tokenizer
     sets = {"sharegpt": encode_texts(tok, sample_texts(args.texts, "heldout"), 128),
             "humaneval": [tok.encode(p.text)[:128] for p in islice(humaneval_prompts("heldout"), args.texts)]}
-    speed_prompts = [ids[:48] for ids in sets["sharegpt"][:4]]
-    result: dict = {"machine": machine(), "threads": args.threads, "dense_tokens_per_s": None, "cuts": []}
-    result["dense_tokens_per_s"] = _decode_speed(dense.model, speed_prompts, args.new_tokens)
+    result: dict = {"machine": machine(), "threads": args.threads, "cuts": []}
     for experts in args.experts:
         spec = "smollm2-135m-moe" if experts == DEFAULT_CUT.experts else f"smollm2-135m-moe-e{experts}-k{experts // 4}"
         folder = resolve_model(spec)
@@ -59,10 +51,7 @@ def run_quality(args: argparse.Namespace) -> dict:
                 for name, seqs in sets.items()}
         table = []
         for i, k in enumerate(ks):
-            for b in moe.model.layers:
-                b.mlp.router.top_k = k
-            row = {"k": k, "ffn_share": k / experts,
-                   "decode_tokens_per_s": _decode_speed(moe.model, speed_prompts, args.new_tokens)}
+            row = {"k": k, "ffn_share": k / experts}
             for name in sets:
                 row[f"{name}_agreement"] = rows[name][i]["agreement"]
                 row[f"{name}_ppl"] = rows[name][i]["ppl"]
@@ -71,11 +60,38 @@ def run_quality(args: argparse.Namespace) -> dict:
             print(f"E={experts:>3} k={k:>3}  agreement sharegpt {row['sharegpt_agreement']:.3f} humaneval "
                   f"{row['humaneval_agreement']:.3f}  ppl sharegpt {row['sharegpt_ppl']:.1f} "
                   f"(dense {row['sharegpt_dense_ppl']:.1f}) humaneval {row['humaneval_ppl']:.2f} "
-                  f"(dense {row['humaneval_dense_ppl']:.2f})  decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
+                  f"(dense {row['humaneval_dense_ppl']:.2f})", flush=True)
         marker = json.loads((folder / "spectutor-moefy.json").read_text())
         result["cuts"].append({"spec": spec, "experts": experts, "rows": table,
                                "router_recall_mean": sum(marker["router_recall"]) / len(marker["router_recall"])})
-    print(f"dense decode {result['dense_tokens_per_s']:.1f} tok/s")
+    return result
+
+
+def run_speed(args: argparse.Namespace) -> dict:
+    """Batch-1 greedy decode of the dense model and the default MoE target (both MoE backends), interleaved."""
+    torch.set_num_threads(args.threads)
+    dense = load_model(DEFAULT_MODEL)
+    prompts = [ids[:64] for ids in encode_texts(dense.tokenizer, sample_texts(args.texts, "heldout"), 128)]
+    models = {"dense": dense.model}
+    for spec in args.specs:
+        for backend in ("local", "deepspeed"):
+            models[f"{spec} {backend}"] = load_model(spec, moe_backend=backend, with_tokenizer=False).model
+    params = SamplingParams(max_new_tokens=args.new_tokens)  # no EOS ids: every prompt makes new_tokens
+    seconds = {name: 0.0 for name in models}
+    outputs: dict[str, list[list[int]]] = {name: [] for name in models}
+    for p in tqdm(prompts, desc="decode"):
+        for name, model in models.items():
+            start = time.perf_counter()
+            outputs[name].append(generate(model, p, params))
+            seconds[name] += time.perf_counter() - start
+    made = len(prompts) * args.new_tokens
+    result = {"machine": machine(), "threads": args.threads, "prompts": len(prompts), "new_tokens": args.new_tokens,
+              "tokens_per_s": {n: made / s for n, s in seconds.items()},
+              "deepspeed_equals_local": {spec: outputs[f"{spec} deepspeed"] == outputs[f"{spec} local"]
+                                         for spec in args.specs}}
+    for name, tps in result["tokens_per_s"].items():
+        print(f"{name:>34}: {tps:.1f} tokens/s ({tps / result['tokens_per_s']['dense']:.2f}x dense)")
+    print(f"DeepSpeed's MoE layer and the local block give the same tokens: {result['deepspeed_equals_local']}")
     return result
 
 
@@ -109,16 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         runpy.run_path(sys.argv[0], run_name="__main__")
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["quality"])
+    parser.add_argument("part", choices=["quality", "speed"])
     parser.add_argument("--experts", type=int, nargs="+", default=[DEFAULT_CUT.experts])
     parser.add_argument("--texts", type=int, default=16, help="held-out prompts per domain")
+    parser.add_argument("--specs", nargs="+", default=["smollm2-135m-moe"], help="MoE targets timed by `speed`")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
-    result = run_quality(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.part == "speed":
+        (out / "moe-speed-cpu.json").write_text(json.dumps(run_speed(args), indent=2))
+        print(f"wrote {out / 'moe-speed-cpu.json'}")
+        return 0
+    result = run_quality(args)
     (out / "moe-quality-cpu.json").write_text(json.dumps(result, indent=2))
     plot_quality(result, out / "moe-quality-cpu.png")
     print(f"wrote {out / 'moe-quality-cpu.json'} and .png")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import statistics
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="s-EG token-load slack: a rank takes at most (1 + slack) / ep of the profiled tokens")
     p.add_argument("--table", choices=("balanced", "argmax"), default="balanced",
                    help="token table: the solver's balanced clusters, or each token's best rank (uneven load)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="experts per token, overriding the checkpoint's (e.g. 8 of 64, DeepSeek-like sparsity)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="cpu")
     args = p.parse_args(argv)
@@ -202,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     except CorruptModelError:  # a folder without a tokenizer (tests' tiny models)
         loaded = load_model(args.model, moe_backend="local", with_tokenizer=False)
     cfg = loaded.config
+    if args.top_k:  # route with another k than the checkpoint's (a MoEfied cut's router ranks all E)
+        cfg = dataclasses.replace(cfg, top_k=args.top_k)
+        for layer in loaded.model.layers:
+            if hasattr(layer.mlp, "router"):
+                layer.mlp.router.top_k = args.top_k
     num_experts, top_k, hidden = cfg.num_experts, cfg.top_k, cfg.hidden_size
     n_moe = len(cfg.sparse_layers)
     chosen = sorted({round(i * (n_moe - 1) / max(args.layers - 1, 1)) for i in range(args.layers)})

@@ -161,7 +161,7 @@ def build(dense_spec: str, out_dir: Path, cfg: MoefyConfig, token_lists: Sequenc
             if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
                 shutil.copy2(f, tmp / f.name)
         marker = {"source": str(folder), "cut": dataclasses.asdict(cfg), "tokens": sum(map(len, token_lists)),
-                  "router_recall": [round(c.recall, 4) for c in cuts],
+                  "recall_k": cfg.top_k, "router_recall": [round(c.recall, 4) for c in cuts],
                   "routed_rel_error": [round(c.rel_error, 4) for c in cuts]}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         tmp.chmod(0o755)
@@ -183,6 +183,44 @@ def is_built(out_dir: Path, cfg: MoefyConfig) -> bool:
     return marker.get("cut") == dataclasses.asdict(cfg)
 
 
+def with_top_k(src: Path, out_dir: Path, top_k: int) -> Path:
+    """A copy of the cut in `src` that routes each token to `top_k` experts (written atomically).
+
+    Neurons, experts and router do not depend on k (the router ranks all E experts), so another k
+    is a config change, not a new cut.
+    """
+    marker = json.loads((src / MARKER).read_text())
+    marker["cut"]["top_k"] = top_k
+    MoefyConfig(**marker["cut"])  # validates k against E
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config["num_experts_per_tok"] = top_k
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _same_cut_other_k(models: Path, cfg: MoefyConfig) -> Path | None:
+    """A built cut in `models` that differs from `cfg` only in top_k, if any."""
+    for folder in sorted(models.glob("smollm2-135m-moe*")):
+        try:
+            cut = json.loads((folder / MARKER).read_text())["cut"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if {**cut, "top_k": cfg.top_k} == dataclasses.asdict(cfg):
+            return folder
+    return None
+
+
 def resolve_named(spec: str, cfg: MoefyConfig) -> Path:
     """The folder of a named MoE target, cutting it from the dense default on first use."""
     from moe.loader import DEFAULT_MODEL, spectutor_home
@@ -190,6 +228,9 @@ def resolve_named(spec: str, cfg: MoefyConfig) -> Path:
     out = spectutor_home() / "models" / spec
     if is_built(out, cfg):
         return out
+    sibling = _same_cut_other_k(out.parent, cfg) if out.parent.is_dir() else None
+    if sibling is not None:
+        return with_top_k(sibling, out, cfg.top_k)
     from tqdm import tqdm
 
     print(f"spectutor: building {spec} from {DEFAULT_MODEL} (one time, a few minutes)", flush=True)

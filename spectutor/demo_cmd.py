@@ -165,7 +165,7 @@ def _port_free(port: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from moe.loader import spectutor_home
+    from moe.loader import resolve_model, spectutor_home
     from spectutor.loop import LocalLoop, LoopConfig
 
     env = _services()
@@ -173,6 +173,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _port_free(args.port)
+    resolve_model(args.model)  # converts or cuts a named target once, before replicas and trainer load it
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = f"demo-{stamp}"
     out_dir = Path(args.out) / stamp

@@ -133,3 +133,21 @@ def test_a_width_the_experts_cannot_split_is_refused(tiny_model, tmp_path):
         build(str(tiny_model("llama")), tmp_path / "bad", MoefyConfig(experts=5, top_k=2, cluster_tokens=64),
               token_lists=_token_lists(2, 20))
     assert not (tmp_path / "bad").exists()
+
+
+def test_another_k_is_a_config_change_of_the_same_cut(moefied, tmp_path):
+    from moe.loader import load_model
+    from moe.moefy_build import with_top_k
+
+    dense_folder, folder = moefied
+    two = with_top_k(folder, tmp_path / "k2", 2)
+    assert json.loads((two / "config.json").read_text())["num_experts_per_tok"] == 2
+    assert json.loads((two / MARKER).read_text())["cut"]["top_k"] == 2
+    moe4 = load_model(str(folder), with_tokenizer=False, moe_backend="local").model
+    moe2 = load_model(str(two), with_tokenizer=False, moe_backend="local").model
+    prompt = _token_lists(1, 20)[0]
+    for layer in moe4.layers:
+        layer.mlp.router.top_k = 2
+    torch.testing.assert_close(sequence_logits(moe2, prompt), sequence_logits(moe4, prompt), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="top_k=5"):
+        with_top_k(folder, tmp_path / "k5", 5)
