@@ -7,11 +7,9 @@ interrupted conversion never leaves a half-written cache entry behind.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from moe.atomic import atomic_folder
 from moe.errors import CorruptModelError, ModelNotFoundError
 
 MARKER = "spectutor-source.json"
@@ -41,9 +39,7 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
 
     path = path.resolve()
     _check_gguf(path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         try:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
@@ -60,13 +56,6 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
         tok.save_pretrained(str(tmp))
         st = path.stat()
         (tmp / MARKER).write_text(json.dumps({"gguf": str(path), "size": st.st_size, "mtime": st.st_mtime}))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

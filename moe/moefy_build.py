@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
-import tempfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -19,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from moe.atomic import atomic_folder
 from moe.config import ModelConfig
 from moe.moefy import LayerCut, MoefyConfig, cut_layer
 from moe.tree import TreeBatch
@@ -152,9 +151,7 @@ def build(dense_spec: str, out_dir: Path, cfg: MoefyConfig, token_lists: Sequenc
         gate_up, down = _dense_ffn(sd, layer)
         cuts.append(cut_layer(inputs[layer], gate_up, down, cfg))
         inputs[layer] = torch.empty(0)  # free as we go
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(mixtral_config(raw, cfg), indent=2))
         save_file(_hf_tensors(sd, cuts, dense_cfg), str(tmp / "model.safetensors"))
         for f in folder.iterdir():
@@ -164,13 +161,6 @@ def build(dense_spec: str, out_dir: Path, cfg: MoefyConfig, token_lists: Sequenc
                   "recall_k": cfg.top_k, "router_recall": [round(c.recall, 4) for c in cuts],
                   "routed_rel_error": [round(c.rel_error, 4) for c in cuts]}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -192,20 +182,12 @@ def with_top_k(src: Path, out_dir: Path, top_k: int) -> Path:
     marker = json.loads((src / MARKER).read_text())
     marker["cut"]["top_k"] = top_k
     MoefyConfig(**marker["cut"])  # validates k against E
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         config = json.loads((tmp / "config.json").read_text())
         config["num_experts_per_tok"] = top_k
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
