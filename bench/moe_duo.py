@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 from bench.decode import machine  # noqa: E402
 from bench.speculative import load_prompts, make_engine, run_engine  # noqa: E402
 from drafters.self_spec import duo_small_drafter  # noqa: E402
-from moe.duo import (BIG, DistillConfig, RandomRoutingConfig, attach_duo, detach_duo,  # noqa: E402
-                     ensure_random_routing, ensure_small_modules, fixed_route, layer_groups, layer_preference, oracle, random_routes, route_flops, route_losses,
-                     routes_with_budget, text_chunks)
+from moe.duo import (BIG, attach_duo, detach_duo, fixed_route, layer_groups, layer_preference, oracle,  # noqa: E402
+                     random_routes, route_flops, route_losses, routes_with_budget)
+from moe.duo_train import (DistillConfig, RandomRoutingConfig, ensure_random_routing, ensure_small_modules,  # noqa: E402
+                           text_chunks)
 from moe.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from serving.engine import Engine, EngineConfig  # noqa: E402
 from serving.traffic import sharegpt_prompts  # noqa: E402

@@ -1,7 +1,7 @@
 """Duo-LLM's "small FFN everywhere" path as a self-speculative drafter (seed-algorithms §4.4).
 
 The draft model is the target itself with every layer's FFN swapped for its distilled small FFN
-(moe/duo.py): the target's embeddings, attention, norms and head, a ~16x narrower SwiGLU. It is an
+(moe/duo_train.py): the target's embeddings, attention, norms and head, a ~16x narrower SwiGLU. It is an
 ordinary `DraftModel` (config `intermediate_size` = the small width), so `DraftLMDrafter` runs it with
 its own KV cache; sharing the target's cache is left for later.
 """

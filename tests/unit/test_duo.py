@@ -10,10 +10,11 @@ from torch import nn
 
 from drafters.self_spec import duo_small_drafter, small_everywhere_model
 from moe.config import ModelConfig
-from moe.duo import (BIG, SKIP, SMALL, DistillConfig, RandomRoutingConfig, attach_duo, budget_loss, detach_duo, distill_small_modules,
-                     ffn_flops, fixed_route, layer_groups, load_small_modules, mix_routes, mix_routes_reference,
-                     oracle, route_flops, route_losses, routes_with_budget, save_small_modules, sequence_logits,
-                     set_route, set_token_routes, train_random_routing)
+from moe.duo import (BIG, SKIP, SMALL, attach_duo, budget_loss, detach_duo, ffn_flops, fixed_route,
+                     layer_groups, mix_routes, mix_routes_reference, oracle, route_flops, route_losses,
+                     routes_with_budget, sequence_logits, set_route, set_token_routes)
+from moe.duo_train import (DistillConfig, RandomRoutingConfig, distill_small_modules, load_small_modules,
+                           save_small_modules, train_random_routing)
 from moe.generate import SamplingParams, generate
 from moe.layers import GatedMLP
 from moe.loader import load_model
