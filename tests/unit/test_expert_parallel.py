@@ -23,6 +23,7 @@ def _decode(model, prompt: list[int]) -> torch.Tensor:
 
 
 def _worker(rank: int, folder: str, port: int, out_dir: str) -> None:
+    from moe.a2a_stats import A2AStats, instrument_deepspeed
     from moe.expert_parallel import init_process_group, load_expert_parallel
 
     torch.set_num_threads(1)
@@ -30,7 +31,12 @@ def _worker(rank: int, folder: str, port: int, out_dir: str) -> None:
     loaded = load_expert_parallel(folder, ep_size=2)
     blocks = [m for m in loaded.model.modules() if type(m).__name__ == "DeepSpeedMoEBlock"]
     assert blocks and all(b.moe.num_local_experts == loaded.config.num_experts // 2 for b in blocks)
-    torch.save(_decode(loaded.model, PROMPTS[rank]), f"{out_dir}/rank{rank}.pt")
+    stats = A2AStats()
+    with instrument_deepspeed(loaded.model, stats):  # DeepSpeed's all-to-all, counted per layer and step
+        logits = _decode(loaded.model, PROMPTS[rank])
+    _decode(loaded.model, PROMPTS[rank])  # after the context: not recorded
+    torch.save(logits, f"{out_dir}/rank{rank}.pt")
+    torch.save(stats.records, f"{out_dir}/a2a{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -51,6 +57,22 @@ def test_two_ranks_match_one_process(name, tiny_model, tmp_path):
             torch.testing.assert_close(got, _decode(single, prompt), atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(threads)
+    _check_a2a_records(tmp_path, load_model(folder, with_tokenizer=False, moe_backend="local").config)
+
+
+def _check_a2a_records(out_dir, cfg) -> None:
+    """Each of the 2 forwards (prefill, 6-node tree) records a dispatch and a combine per MoE layer."""
+    for rank in range(2):
+        records = torch.load(out_dir / f"a2a{rank}.pt", weights_only=False)
+        keys = [(r.step, r.layer, r.phase) for r in records]
+        assert keys == [(s, i, p) for s in range(2) for i in range(len(cfg.sparse_layers)) for p in ("dispatch", "combine")]
+        for r in records:
+            # The padded [E, C, D] buffer: half of it (the other rank's experts) leaves this rank.
+            assert r.bytes_sent == r.rows_sent * cfg.hidden_size * 4 > 0
+            assert r.rows_sent % (cfg.num_experts // 2) == 0
+            assert 0 <= r.real_rows_sent <= r.rows_sent and r.seconds > 0
+        # The 6-node tree with top-2 routing: at most 12 real rows leave a rank per layer.
+        assert all(r.real_rows_sent <= 6 * cfg.top_k for r in records if r.step == 1 and r.phase == "dispatch")
 
 
 @pytest.mark.slow
