@@ -87,6 +87,28 @@ def _router_logits(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x.to(dtype), weight.to(dtype))
 
 
+def topk_weights(probs: Tensor, top_k: int, *, normalize_topk: bool = False,
+                 weighting: Weighting = "softmax") -> tuple[Tensor, Tensor]:
+    """probs [T, E] -> (weights [T, A], experts [T, A]): each token's top-k and their combine weights.
+
+    The part of `topk_routing` a served block needs on every decode step, without the bookkeeping
+    (masks, counts) that training and telemetry read.
+    """
+    num_experts = probs.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in 1..num_experts={num_experts}")
+    if weighting not in ("softmax", "none"):
+        raise ValueError(f"weighting={weighting!r} must be 'softmax' or 'none'")
+    if weighting == "none" and normalize_topk:
+        raise ValueError("normalize_topk=True has no meaning with weighting='none' (every weight is 1.0)")
+    top_probs, experts = probs.topk(top_k, dim=-1)                        # [T, A]
+    if weighting == "none":
+        return torch.ones_like(top_probs), experts
+    if normalize_topk:
+        return top_probs / top_probs.sum(dim=-1, keepdim=True), experts
+    return top_probs, experts
+
+
 def topk_routing(logits: Tensor, top_k: int, *, normalize_topk: bool = False,
                  weighting: Weighting = "softmax", capacity_factor: float | None = None,
                  drop_tokens: bool = False) -> Routing:
@@ -106,20 +128,8 @@ def topk_routing(logits: Tensor, top_k: int, *, normalize_topk: bool = False,
     Returns a `Routing` with A = k.
     """
     num_tokens, num_experts = logits.shape
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be in 1..num_experts={num_experts}")
-    if weighting not in ("softmax", "none"):
-        raise ValueError(f"weighting={weighting!r} must be 'softmax' or 'none'")
-    if weighting == "none" and normalize_topk:
-        raise ValueError("normalize_topk=True has no meaning with weighting='none' (every weight is 1.0)")
     probs = logits.softmax(dim=-1)                                        # [T, E]
-    top_probs, experts = probs.topk(top_k, dim=-1)                        # [T, A]
-    if weighting == "none":
-        weights = torch.ones_like(top_probs)
-    elif normalize_topk:
-        weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    else:
-        weights = top_probs
+    weights, experts = topk_weights(probs, top_k, normalize_topk=normalize_topk, weighting=weighting)
 
     cap = None
     kept = torch.ones_like(experts, dtype=torch.bool)                    # [T, A]

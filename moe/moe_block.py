@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe.config import ModelConfig
-from moe.gating import topk_routing
+from moe.gating import topk_weights
 from moe.layers import GatedMLP
 
 
@@ -39,9 +39,8 @@ class Router(nn.Module):
 
 def route_topk(logits: Tensor, top_k: int, renormalize: bool, weighting: str) -> tuple[Tensor, Tensor]:
     """logits [T, E] -> (weights [T, A], experts [T, A]) as a checkpoint of this kind routes."""
-    routing = topk_routing(logits, top_k, normalize_topk=renormalize and weighting == "softmax",
-                           weighting=weighting)
-    return routing.weights, routing.experts
+    return topk_weights(logits.softmax(dim=-1), top_k, normalize_topk=renormalize and weighting == "softmax",
+                        weighting=weighting)
 
 
 class StackedExperts(nn.Module):

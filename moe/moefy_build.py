@@ -228,6 +228,7 @@ def quality(moe_model: torch.nn.Module, dense_model: torch.nn.Module, token_list
     perplexity in each row), in the order of `ks`.
     """
     blocks = [layer.mlp for layer in moe_model.layers]
+    served_k = [b.router.top_k for b in blocks]
     dense = [sequence_logits(dense_model, ids) for ids in token_lists]
     rows = []
     for k in progress(ks):
@@ -244,4 +245,6 @@ def quality(moe_model: torch.nn.Module, dense_model: torch.nn.Module, token_list
             total += len(ids) - 1
         rows.append({"k": k, "agreement": agree / total, "ppl": float(torch.exp(torch.tensor(nll / total))),
                      "dense_ppl": float(torch.exp(torch.tensor(dense_nll / total))), "tokens": total})
+    for b, k in zip(blocks, served_k):
+        b.router.top_k = k
     return rows
