@@ -39,6 +39,18 @@ class Feedback:
     tree_tokens: Tensor  # [n+1] int64: the root then the draft nodes
     topk_ids: Tensor     # [n+1, k] int64: the target's top-k next tokens after each tree node
     verified: Verified
+    features: Tensor | None = None
+    """[n+1, F] the target's hidden states at `feature_layers` after each tree node; None unless asked for."""
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """What the prefill forward computed for a newly admitted sequence, for drafters that read features."""
+
+    seq_id: int
+    domain: str | None   # the request's traffic domain (per-domain drafters route on it)
+    features: Tensor     # [T-1, F] target hidden states after each prompt token but the last (the root)
+    next_tokens: Tensor  # [T-1] int64: the token that followed each of them (prompt[1:])
 
 
 @runtime_checkable
@@ -51,6 +63,8 @@ class Drafter(Protocol):
     """How many of the target's top candidates per tree node `observe` wants (0: none, saves a top-k)."""
     cost_hint: float
     """Guess of one draft node's cost relative to a one-token target forward, until it is measured."""
+    feature_layers: tuple[int, ...]
+    """Target layers whose hidden states `observe` and `observe_prefill` want (empty: none, the target skips them)."""
 
     @property
     def version(self) -> str:
@@ -69,6 +83,10 @@ class Drafter(Protocol):
         """Called after verification with what the target computed at every tree node."""
         ...
 
+    def observe_prefill(self, prefills: list[Prefill]) -> None:
+        """Called after a prefill forward, only for drafters with `feature_layers`."""
+        ...
+
     def release(self, seq_id: int) -> None:
         """The sequence finished or was aborted: forget its state."""
         ...
@@ -81,6 +99,7 @@ class NoDrafter:
     version = "0"
     needs_topk = 0
     cost_hint = 0.0
+    feature_layers = ()
 
     def budgets(self) -> tuple[int, ...]:
         return ()
@@ -89,6 +108,9 @@ class NoDrafter:
         return [Draft.empty() for _ in requests]
 
     def observe(self, feedback: list[Feedback]) -> None:
+        pass
+
+    def observe_prefill(self, prefills: list[Prefill]) -> None:
         pass
 
     def release(self, seq_id: int) -> None:

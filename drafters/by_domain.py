@@ -6,7 +6,7 @@ go to the default. Hot swap of one domain builds a new DomainDrafter with `repla
 """
 from __future__ import annotations
 
-from drafters.base import DraftRequest, Drafter, Feedback
+from drafters.base import DraftRequest, Drafter, Feedback, Prefill
 from drafters.verify import Draft
 
 
@@ -22,6 +22,10 @@ class DomainDrafter:
         everyone = self._all()
         self.needs_topk = max((d.needs_topk for d in everyone), default=0)
         self.cost_hint = max((d.cost_hint for d in everyone), default=0.0)
+        layers = {d.feature_layers for d in everyone if d.feature_layers}
+        if len(layers) > 1:
+            raise ValueError(f"per-domain drafters read different target layers {sorted(layers)}; they must agree")
+        self.feature_layers: tuple[int, ...] = layers.pop() if layers else ()
 
     def _all(self) -> list[Drafter]:
         return [self.default, *self.per_domain.values()]
@@ -68,10 +72,19 @@ class DomainDrafter:
             d = self._seq_drafter.get(fb.seq_id, self.default)
             if d.needs_topk:
                 # Each sub-drafter gets the top-k width it asked for.
-                fb = Feedback(fb.seq_id, fb.tree_tokens, fb.topk_ids[:, : d.needs_topk], fb.verified)
+                fb = Feedback(fb.seq_id, fb.tree_tokens, fb.topk_ids[:, : d.needs_topk], fb.verified, fb.features)
             groups.setdefault(id(d), (d, []))[1].append(fb)
         for d, fbs in groups.values():
-            d.observe(fbs if d.needs_topk else [])
+            d.observe(fbs if (d.needs_topk or d.feature_layers) else [])
+
+    def observe_prefill(self, prefills: list[Prefill]) -> None:
+        groups: dict[int, tuple[Drafter, list[Prefill]]] = {}
+        for p in prefills:
+            d = self._seq_drafter.setdefault(p.seq_id, self.drafter_for(p.domain))
+            if d.feature_layers:
+                groups.setdefault(id(d), (d, []))[1].append(p)
+        for d, ps in groups.values():
+            d.observe_prefill(ps)
 
     def release(self, seq_id: int) -> None:
         d = self._seq_drafter.pop(seq_id, None)

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from drafters.base import DraftRequest, Feedback
+from drafters.base import DraftRequest, Feedback, Prefill
 from drafters.trees import Beam, beam_children, gumbel_topk, topk_children
 from drafters.verify import Draft
 from moe.config import ModelConfig
@@ -156,6 +156,7 @@ class DraftLMDrafter:
 
     name = "draft-lm"
     needs_topk = 0
+    feature_layers = ()
 
     def __init__(self, model: DraftModel, version: str = "base", mode: TreeMode = "chain",
                  branching: tuple[int, ...] = (2, 2, 1, 1), beam_width: int = 4, max_batch: int = 16,
@@ -343,6 +344,9 @@ class DraftLMDrafter:
         return added
 
     def observe(self, feedback: list[Feedback]) -> None:
+        pass
+
+    def observe_prefill(self, prefills: list[Prefill]) -> None:
         pass
 
     def release(self, seq_id: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from drafters.base import Drafter, DraftRequest, Feedback
+from drafters.base import Drafter, DraftRequest, Feedback, Prefill
 from drafters.verify import Draft
 
 
@@ -46,6 +46,7 @@ class HybridDrafter:
     """Runs every part on every request and verifies the union of their trees."""
 
     cost_hint = 0.0
+    feature_layers = ()  # parts that read target features are not combined here
 
     def __init__(self, parts: list[Drafter], budgets: tuple[int, ...] = (4, 8, 12, 16, 24, 32)):
         if not parts:
@@ -69,6 +70,9 @@ class HybridDrafter:
     def observe(self, feedback: list[Feedback]) -> None:
         for p in self.parts:
             p.observe(feedback)
+
+    def observe_prefill(self, prefills: list[Prefill]) -> None:
+        pass
 
     def release(self, seq_id: int) -> None:
         for p in self.parts:

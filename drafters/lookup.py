@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from drafters.base import DraftRequest, Feedback
+from drafters.base import DraftRequest, Feedback, Prefill
 from drafters.verify import Draft
 
 
@@ -23,6 +23,7 @@ class PromptLookup:
     version = "0"
     needs_topk = 0
     cost_hint = 0.0
+    feature_layers = ()
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 4,
                  budgets: tuple[int, ...] = (2, 4, 8, 16)):
@@ -77,6 +78,9 @@ class PromptLookup:
         return [self.draft_for(r.history, r.budget) for r in requests]
 
     def observe(self, feedback: list[Feedback]) -> None:
+        pass
+
+    def observe_prefill(self, prefills: list[Prefill]) -> None:
         pass
 
     def release(self, seq_id: int) -> None:

@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from drafters.base import DraftRequest, Feedback
+from drafters.base import DraftRequest, Feedback, Prefill
 from drafters.verify import Draft
 
 # The paper's default tree (version 2.2.2 of its code): 80 nodes over 6 levels, [8, 21, 25, 15, 8, 3]
@@ -84,6 +84,7 @@ class TokenRecycling:
 
     name = "token-recycling"
     cost_hint = 0.0
+    feature_layers = ()
 
     def __init__(self, vocab_size: int, k: int = 8, template: list[tuple[int, ...]] | None = None,
                  budgets: tuple[int, ...] = (4, 8, 16, 32, 80)):
@@ -126,6 +127,9 @@ class TokenRecycling:
             # Duplicate tokens in one tree: the last write wins, which the paper found marginally best.
             self.matrix[fb.tree_tokens] = fb.topk_ids[:, : self.k].to(torch.int32)
             self.updates += 1
+
+    def observe_prefill(self, prefills: list[Prefill]) -> None:
+        pass
 
     def release(self, seq_id: int) -> None:
         pass  # the matrix is shared by every sequence on purpose (hot start)

@@ -72,6 +72,11 @@ class LeanDecoder(nn.Module):
         return KVCache(c.num_layers, num_slots, c.num_kv_heads, min(max_len or self.max_len, self.max_len),
                        c.head_dim, dtype=self.dtype, device=self.embed.weight.device)
 
+    def layout(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache) -> StepLayout:
+        """Where `tree`'s nodes sit after each slot's committed tokens: positions, mask, rotary tables."""
+        return step_layout(tree, slots, cache, self.rotary, self.dtype, self.cfg.sliding_window,
+                           self.embed.weight.device)
+
     @torch.inference_mode()
     def forward(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache,
                 logits_for: Literal["all", "last"] = "all") -> Tensor:
@@ -80,29 +85,56 @@ class LeanDecoder(nn.Module):
         Node keys/values are written after each slot's committed tokens; call `cache.commit`
         with the accepted path to keep them. Nothing is committed here.
         """
-        slots = torch.as_tensor(slots, dtype=torch.long)
-        b, n = tree.tokens.shape
-        cache.check_room(slots, n)
-        lens = cache.lens[slots]                                          # [B]
-        write_pos = lens[:, None] + torch.arange(n)                       # [B, N]
-        num_keys = int(lens.max()) + n  # host sync: sizes the key window
-        if b == 1 and n == 1 and self.cfg.sliding_window is None:
-            positions, mask = write_pos, None                             # plain decode: one query sees every key
-        else:
-            anc = tree.ancestors()                                        # [B, N, N]
-            depths = anc.sum(-1) - 1                                      # [B, N]
-            positions = lens[:, None] + depths                            # [B, N]
-            mask = attention_mask(anc, depths, lens, num_keys, self.cfg.sliding_window)
-        # The tree's layout is built on the host; the model may live on an accelerator.
-        dev = self.embed.weight.device
-        cos, sin = self.rotary(positions.to(dev), self.dtype)
-        single = (int(slots[0]), int(lens[0])) if b == 1 else None  # host sync: view offsets
-        layout = StepLayout(slots.to(dev), write_pos.to(dev), num_keys, None if mask is None else mask.to(dev),
-                            cos, sin, single)
+        return self._run(tree, slots, cache, logits_for, ())[0]
 
+    @torch.inference_mode()
+    def forward_features(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache,
+                         layers: tuple[int, ...], logits_for: Literal["all", "last"] = "all") -> tuple[Tensor, Tensor]:
+        """`forward`, plus the hidden states leaving each of `layers` at every node: [B, N, len(layers) * D].
+
+        This is what a feature-level drafter (EAGLE) reads; the states are taken on the way, so the
+        verification forward that already runs costs nothing more than the copies.
+        """
+        bad = [i for i in layers if not 0 <= i < self.cfg.num_layers]
+        if bad or not layers:
+            raise ValueError(f"feature layers must be within [0, {self.cfg.num_layers}), got {layers}")
+        return self._run(tree, slots, cache, logits_for, layers)  # type: ignore[return-value]
+
+    def _run(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache, logits_for: str,
+             capture: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+        layout = self.layout(tree, slots, cache)
+        b = tree.batch_size
+        dev = self.embed.weight.device
         x = self.embed(tree.tokens.to(dev))                               # [B, N, D]
+        taken: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             x = layer(x, layout, cache.k[i], cache.v[i])
+            if i in capture:
+                taken[i] = x
+        feats = torch.cat([taken[i] for i in capture], dim=-1) if capture else None  # [B, N, F]
         if logits_for == "last":
             x = x[torch.arange(b, device=dev), (tree.num_nodes - 1).to(dev)]  # [B, D]
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm(x)).float(), feats
+
+
+def step_layout(tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache, rotary: Rotary, dtype: torch.dtype,
+                sliding_window: int | None, device: torch.device) -> StepLayout:
+    """The layout one forward over `tree` shares across layers (the lean decoder's and the EAGLE head's)."""
+    slots = torch.as_tensor(slots, dtype=torch.long)
+    b, n = tree.tokens.shape
+    cache.check_room(slots, n)
+    lens = cache.lens[slots]                                          # [B]
+    write_pos = lens[:, None] + torch.arange(n)                       # [B, N]
+    num_keys = int(lens.max()) + n  # host sync: sizes the key window
+    if b == 1 and n == 1 and sliding_window is None:
+        positions, mask = write_pos, None                             # plain decode: one query sees every key
+    else:
+        anc = tree.ancestors()                                        # [B, N, N]
+        depths = anc.sum(-1) - 1                                      # [B, N]
+        positions = lens[:, None] + depths                            # [B, N]
+        mask = attention_mask(anc, depths, lens, num_keys, sliding_window)
+    # The tree's layout is built on the host; the model may live on an accelerator.
+    cos, sin = rotary(positions.to(device), dtype)
+    single = (int(slots[0]), int(lens[0])) if b == 1 else None  # host sync: view offsets
+    return StepLayout(slots.to(device), write_pos.to(device), num_keys, None if mask is None else mask.to(device),
+                      cos, sin, single)

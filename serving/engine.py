@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from drafters.base import Drafter, DraftRequest, Feedback
+from drafters.base import Drafter, DraftRequest, Feedback, Prefill
 from drafters.verify import Draft, Verified, verify
 from moe.errors import ContextTooLongError
 from moe.generate import SamplingParams
@@ -260,14 +260,18 @@ class Engine:
         tree = TreeBatch.from_lists([[s.history[-1]] + d.tokens.tolist() for s, d in zip(seqs, drafts)],
                                     [[-1] + (d.parents + 1).tolist() for d in drafts])
         slots = [s.slot for s in seqs]
-        logits = self.target(tree, slots, self.cache)                    # [B, N, V]
+        layers = self.drafter.feature_layers
+        if layers:
+            logits, feats = self.target.forward_features(tree, slots, self.cache, layers)  # [B, N, V], [B, N, F]
+        else:
+            logits, feats = self.target(tree, slots, self.cache), None   # [B, N, V]
         t2 = time.perf_counter()
         self._account(seqs, budgets, tree, t1 - t0, t2 - t1)
 
         verified = [verify(d, logits[b, : d.size + 1], s.request.params, s.generator)
                     for b, (s, d) in enumerate(zip(seqs, drafts))]
         self.cache.commit(slots, [v.path for v in verified])
-        self._feedback(seqs, drafts, verified, tree, logits)
+        self._feedback(seqs, drafts, verified, tree, logits, feats)
         now = time.monotonic()
         for b, (s, d, v) in enumerate(zip(seqs, drafts, verified)):
             outputs.append(self._emit(s, d, v, logits[b], now))
@@ -310,7 +314,17 @@ class Engine:
         for group in _prefill_groups([s for s in admitted if len(s.history) > 1]):
             chains = [s.history[:-1] for s in group]
             slots = [s.slot for s in group]
-            self.target(TreeBatch.chains(chains), slots, self.cache, logits_for="last")
+            layers = self.drafter.feature_layers
+            if layers:
+                # A feature-reading drafter gets the prompt's hidden states from this same forward.
+                _, feats = self.target.forward_features(TreeBatch.chains(chains), slots, self.cache, layers,
+                                                        logits_for="last")  # [G, T, F]
+                self.drafter.observe_prefill([
+                    Prefill(s.seq_id, s.request.domain, feats[b, : len(c)],
+                            torch.tensor(s.history[1:], dtype=torch.long))
+                    for b, (s, c) in enumerate(zip(group, chains))])
+            else:
+                self.target(TreeBatch.chains(chains), slots, self.cache, logits_for="last")
             self.cache.commit(slots, [list(range(len(c))) for c in chains])
             self.stats.prefill_forwards += 1
 
@@ -334,15 +348,16 @@ class Engine:
             self.policy.record_draft_time(max(budgets), len(seqs), t_draft)
 
     def _feedback(self, seqs: list[_Sequence], drafts: list[Draft], verified: list[Verified],
-                  tree: TreeBatch, logits: Tensor) -> None:
-        k = getattr(self.drafter, "needs_topk", 0)
-        if not k:
+                  tree: TreeBatch, logits: Tensor, feats: Tensor | None) -> None:
+        k = self.drafter.needs_topk
+        if not k and feats is None:
             self.drafter.observe([])
             return
         fb = []
         for b, (s, d, v) in enumerate(zip(seqs, drafts, verified)):
             n = d.size + 1
-            fb.append(Feedback(s.seq_id, tree.tokens[b, :n], logits[b, :n].topk(k, dim=-1).indices.cpu(), v))
+            top = logits[b, :n].topk(k, dim=-1).indices.cpu() if k else torch.zeros(n, 0, dtype=torch.long)
+            fb.append(Feedback(s.seq_id, tree.tokens[b, :n], top, v, None if feats is None else feats[b, :n]))
         self.drafter.observe(fb)
 
     def _emit(self, seq: _Sequence, draft: Draft, v: Verified, logits: Tensor, now: float) -> RequestOutput:
