@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from drafters.base import Drafter, NoDrafter
 
-DRAFTERS = ("none", "prompt-lookup", "token-recycling", "hybrid", "draft-lm")
+DRAFTERS = ("none", "prompt-lookup", "token-recycling", "hybrid", "draft-lm", "suffix")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ class DrafterConfig:
     """draft-lm topk/gumbel trees: children per node at each depth."""
     recycling_k: int = 8
     """token-recycling: candidates kept per token."""
+    suffix_max_depth: int = 32
+    """suffix: depth of the suffix tries (longest match plus draft, in tokens)."""
+    suffix_global_tokens: int = 16384
+    """suffix: most tokens of recent outputs the shared trie holds (oldest evicted; 0: no shared trie)."""
+    suffix_min_prob: float = 0.1
+    """suffix: a draft token must be at least this share of its parent's continuations."""
 
     def __post_init__(self) -> None:
         if self.name not in DRAFTERS:
@@ -32,6 +38,12 @@ class DrafterConfig:
             raise ValueError(f"draft_mode must be chain, topk, gumbel or beam, got {self.draft_mode!r}")
         if isinstance(self.draft_layers, int) and self.draft_layers < 1:
             raise ValueError(f"draft_layers must be >= 1, got {self.draft_layers}")
+        if self.suffix_max_depth < 2:
+            raise ValueError(f"suffix_max_depth must be >= 2, got {self.suffix_max_depth}")
+        if self.suffix_global_tokens < 0:
+            raise ValueError(f"suffix_global_tokens must be >= 0, got {self.suffix_global_tokens}")
+        if not 0.0 <= self.suffix_min_prob <= 1.0:
+            raise ValueError(f"suffix_min_prob must be in [0, 1], got {self.suffix_min_prob}")
 
 
 def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int,
@@ -53,6 +65,10 @@ def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_bat
         from drafters.recycling import TokenRecycling
 
         return HybridDrafter([PromptLookup(), TokenRecycling(vocab_size, k=cfg.recycling_k)])
+    if cfg.name == "suffix":
+        from drafters.suffix import SuffixDrafter
+
+        return SuffixDrafter(cfg.suffix_max_depth, cfg.suffix_global_tokens, cfg.suffix_min_prob)
     from drafters.draft_lm import DraftLMDrafter, draft_from_target, load_draft
 
     if cfg.draft_checkpoint:
