@@ -40,6 +40,13 @@ from moe.tree import TreeBatch
 EAGLE_FORMAT = 1
 
 
+def warm_start_dir(target_spec: str) -> Path:
+    """Where the warm-start head of the target named `target_spec` is cached (`spectutor draft init` writes it)."""
+    from moe.loader import spectutor_home
+
+    return spectutor_home() / "drafters" / f"eagle-{Path(target_spec).name}"
+
+
 def default_feature_layers(num_layers: int) -> tuple[int, ...]:
     """Low, middle and high: outputs of layers 1, L/2 - 1 and L - 4 (inputs of 2, L/2 and L - 3), as EAGLE-3."""
     if num_layers < 4:
@@ -177,9 +184,9 @@ class EagleHead(nn.Module):
 
 
 def new_head(target_cfg: ModelConfig, embed: nn.Embedding, vocab_ids: Tensor, lm_head: Tensor | None = None,
-             final_norm: Tensor | None = None, feature_layers: tuple[int, ...] | None = None,
+             feature_layers: tuple[int, ...] | None = None,
              seed: int = 0, max_len: int | None = None) -> EagleHead:
-    """A fresh head: small random weights, the head rows (and final norm) copied from the target's when given.
+    """A fresh head: small random weights, the head rows copied from the target's when given.
 
     Starting the draft head from the target's own rows puts its output space where the target's is.
     """
@@ -197,16 +204,13 @@ def new_head(target_cfg: ModelConfig, embed: nn.Embedding, vocab_ids: Tensor, lm
         head.mlp.down.weight.mul_(0.1)
         if lm_head is not None:
             head.lm_head.weight.copy_(lm_head[vocab_ids])
-        if final_norm is not None:
-            head.norm.weight.copy_(final_norm)
     return head
 
 
 def head_from_target(target, vocab_ids: Tensor, feature_layers: tuple[int, ...] | None = None, seed: int = 0,
                      max_len: int | None = None) -> EagleHead:
-    """`new_head` for a loaded LeanDecoder `target` (its embedding, head rows and final norm)."""
-    return new_head(target.cfg, target.embed, vocab_ids, target.lm_head.weight.detach(),
-                    target.norm.weight.detach(), feature_layers, seed, max_len)
+    """`new_head` for a loaded LeanDecoder `target` (its embedding and head rows)."""
+    return new_head(target.cfg, target.embed, vocab_ids, target.lm_head.weight.detach(), feature_layers, seed, max_len)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Build a drafter by name: the one place that knows every drafter's constructor."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 from drafters.base import Drafter, NoDrafter
 
-DRAFTERS = ("none", "prompt-lookup", "token-recycling", "hybrid", "draft-lm", "suffix")
+log = logging.getLogger(__name__)
+DRAFTERS = ("none", "prompt-lookup", "token-recycling", "hybrid", "draft-lm", "suffix", "eagle")
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,12 @@ class DrafterConfig:
     draft_layers: int | tuple[int, ...] = 4
     """draft-lm cut from the target: keep its first n layers, or these layer indices."""
     draft_checkpoint: str | None = None
-    """draft-lm: a folder written by `save_draft` (e.g. a version the trainer promoted) instead of a cut."""
+    """draft-lm: a folder written by `save_draft` (e.g. a version the trainer promoted) instead of a cut;
+    eagle: a folder written by `save_eagle` instead of the cached warm-start head."""
+    eagle_min_confidence: float = 0.1
+    """eagle: a chain stops after a token whose draft probability is below this."""
+    fallback: str | None = None
+    """eagle: the drafter to serve with while no eagle head exists (None: refuse to start)."""
     draft_mode: str = "chain"
     """draft-lm: chain, topk, gumbel (RSD-C) or beam (RSD-S)."""
     branching: tuple[int, ...] = (2, 2, 1, 1)
@@ -44,13 +52,23 @@ class DrafterConfig:
             raise ValueError(f"suffix_global_tokens must be >= 0, got {self.suffix_global_tokens}")
         if not 0.0 <= self.suffix_min_prob <= 1.0:
             raise ValueError(f"suffix_min_prob must be in [0, 1], got {self.suffix_min_prob}")
+        if not 0.0 <= self.eagle_min_confidence < 1.0:
+            raise ValueError(f"eagle_min_confidence must be in [0, 1), got {self.eagle_min_confidence}")
+        if self.fallback is not None and (self.fallback not in DRAFTERS or self.fallback == "eagle"):
+            raise ValueError(f"fallback must be a drafter other than eagle ({', '.join(DRAFTERS[:-1])}), "
+                             f"got {self.fallback!r}")
 
 
 def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int,
-                  target_cfg=None) -> Drafter:
-    """The drafter `cfg` names, sized for an engine with `max_batch` sequences of `max_len` tokens."""
+                  target_cfg=None, target=None) -> Drafter:
+    """The drafter `cfg` names, sized for an engine with `max_batch` sequences of `max_len` tokens.
+
+    `target` (the loaded LeanDecoder) is needed by eagle, which shares its embedding.
+    """
     if cfg.name == "none":
         return NoDrafter()
+    if cfg.name == "eagle":
+        return _eagle(cfg, target_spec, vocab_size, max_batch, max_len, target_cfg, target)
     if cfg.name == "prompt-lookup":
         from drafters.lookup import PromptLookup
 
@@ -79,3 +97,30 @@ def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_bat
     hint = model.cost_ratio(target_cfg) if target_cfg is not None else 0.25
     return DraftLMDrafter(model, version, mode=cfg.draft_mode, branching=cfg.branching, max_batch=max_batch,
                           max_len=max_len, cost_hint=hint)
+
+
+def _eagle(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int, target_cfg,
+           target) -> Drafter:
+    """An EagleDrafter from `cfg.draft_checkpoint` or the cached warm-start head; the fallback while none exists."""
+    from drafters.eagle import EagleDrafter, is_eagle_checkpoint, load_eagle, warm_start_dir
+
+    if target is None:
+        raise ValueError("the eagle drafter needs the target model itself (it reads its hidden states)")
+    if cfg.draft_checkpoint:
+        folder = cfg.draft_checkpoint
+        if not is_eagle_checkpoint(folder):
+            raise ValueError(f"draft_checkpoint {folder!r} is not an eagle checkpoint (it has no eagle.json)")
+    else:
+        folder = str(warm_start_dir(target_spec))
+        if not is_eagle_checkpoint(folder):
+            how = f"make it with `spectutor draft init --model {target_spec}`"
+            if cfg.fallback is None:
+                raise FileNotFoundError(f"no eagle head for {target_spec} in {folder}: {how}")
+            log.warning("no eagle head for %s yet (%s); drafting with %s meanwhile", target_spec, how, cfg.fallback)
+            return build_drafter(dataclasses.replace(cfg, name=cfg.fallback), target_spec, vocab_size, max_batch,
+                                 max_len, target_cfg, target)
+        log.info("eagle: no checkpoint given, using the warm-start head in %s", folder)
+    head, version = load_eagle(folder, target.cfg, target.embed, max_len)
+    head.to(target.embed.weight.device)
+    return EagleDrafter(head, version, max_batch=max_batch, max_len=max_len,
+                        min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(target.cfg))

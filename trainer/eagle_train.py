@@ -50,22 +50,24 @@ def target_to_draft(vocab_ids: Tensor, vocab_size: int) -> Tensor:
     return t2d
 
 
-@torch.inference_mode()
 def collect(target: LeanDecoder, tokens: list[int], layers: tuple[int, ...], vocab_ids: Tensor,
             weights: Tensor | None = None, k: int = 16, domain: str = "") -> FeatureSample:
     """One teacher-forced target forward over `tokens`: its features at `layers` and top-k labels."""
     cache = target.new_cache(1, len(tokens))
     slot = cache.allocate()
-    logits, feats = target.forward_features(TreeBatch.chains([tokens]), [slot], cache, layers)  # [1, T, V], [1, T, F]
-    probs = logits[0].float().softmax(-1)                                  # [T, V]
-    top_full = probs.argmax(-1)                                            # [T]
+    with torch.inference_mode():
+        logits, feats = target.forward_features(TreeBatch.chains([tokens]), [slot], cache, layers)  # [1, T, V], [1, T, F]
+        probs = logits[0].float().softmax(-1)                              # [T, V]
+        top_full = probs.argmax(-1).cpu()                                  # [T]
+        sub = probs[:, vocab_ids.to(probs.device)]                         # [T, Vd]
+        p, ids = sub.topk(min(k, sub.shape[-1]), dim=-1)                   # [T, K]
+        feats = feats[0].to(torch.bfloat16).cpu()
+    # Clones made outside inference mode: the trainer writes to these (masks) and autograd reads them.
     t2d = target_to_draft(vocab_ids, target.cfg.vocab_size)
-    sub = probs[:, vocab_ids.to(probs.device)]                             # [T, Vd]
-    p, ids = sub.topk(min(k, sub.shape[-1]), dim=-1)                       # [T, K]
     w = torch.ones(len(tokens)) if weights is None else weights.float().clone()
-    w = w * (t2d[top_full.cpu()] >= 0).float()
-    return FeatureSample(torch.tensor(tokens, dtype=torch.long), feats[0].to(torch.bfloat16).cpu().clone(),
-                         ids.cpu().clone(), p.to(torch.float16).cpu().clone(), w, domain)
+    w = w * (t2d[top_full.clone()] >= 0).float()
+    return FeatureSample(torch.tensor(tokens, dtype=torch.long), feats.clone(), ids.cpu().clone(),
+                         p.to(torch.float16).cpu().clone(), w, domain)
 
 
 @dataclass
