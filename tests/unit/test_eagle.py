@@ -1,0 +1,111 @@
+"""The EAGLE drafter on a tiny random Llama: exact greedy output, TTT equal to drafting, features, checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drafters.base import NoDrafter
+from drafters.eagle import EagleDrafter, head_from_target, load_eagle, save_eagle
+from moe.generate import SamplingParams
+from moe.loader import load_model
+from moe.tree import TreeBatch
+from serving.engine import Engine, EngineConfig, Request
+from trainer.eagle_train import collect, make_batch, sparse_soft_xent, ttt_forward
+
+VOCAB = torch.arange(0, 256, 2)  # half the target vocabulary: drafts never propose odd ids
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model):
+    return load_model(str(tiny_model("llama")), with_tokenizer=False, fast_kernels=False).model
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(256, (int(k),), generator=g).tolist() for k in torch.randint(1, 30, (n,), generator=g)]
+
+
+def _run(target, drafter, prompts, params, batch):
+    e = Engine(target, drafter, EngineConfig(max_batch=batch, max_len=256, speculation=4))
+    for i, p in enumerate(prompts):
+        e.add_request(Request(str(i), tuple(p), params))
+    return {f.request_id: f.output_ids for f in e.run_to_completion()}, e.stats
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_output_equals_the_target_alone(target, batch):
+    prompts = _prompts(8)
+    params = SamplingParams(max_new_tokens=20)
+    ref, _ = _run(target, NoDrafter(), prompts, params, batch)
+    head = head_from_target(target, VOCAB, seed=1)
+    out, stats = _run(target, EagleDrafter(head, max_batch=batch, max_len=256, min_confidence=0.0),
+                      prompts, params, batch)
+    assert out == ref
+    assert stats.draft_tokens > 0
+
+
+def test_ttt_unroll_equals_cached_drafting(target):
+    head = head_from_target(target, VOCAB, seed=1)
+    toks = torch.randint(256, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    sample = collect(target, toks, head.cfg.feature_layers, VOCAB)
+    steps, p = 4, 9
+    with torch.no_grad():
+        outs = ttt_forward(head, make_batch([sample]), steps)
+        cache = head.new_cache(1, 64)
+        slot = cache.allocate()
+        nxt = torch.tensor(toks[1: p + 2])[None]
+        out = head(nxt, head.fuse(sample.features[: p + 1].float()[None]), TreeBatch.chains([nxt[0].tolist()]),
+                   [slot], cache)
+        cache.commit([slot], [list(range(p + 1))])
+        torch.testing.assert_close(out[0], outs[0][0, : p + 1], atol=1e-5, rtol=1e-5)
+        h = out[:, -1]
+        for j in range(1, steps):
+            tok = torch.tensor([[toks[p + 1 + j]]])
+            o = head(tok, h[:, None], TreeBatch.chains([[int(tok)]]), [slot], cache)
+            cache.commit([slot], [[0]])
+            torch.testing.assert_close(o[0, 0], outs[j][0, p + j], atol=1e-5, rtol=1e-5)
+            h = o[:, 0]
+
+
+def test_features_from_verification_equal_a_separate_forward(target):
+    head = head_from_target(target, VOCAB, seed=1)
+    drafter = EagleDrafter(head, max_batch=1, max_len=256, min_confidence=0.0)
+    seen = []
+    observe = drafter.observe
+    drafter.observe = lambda fb: (seen.extend(fb), observe(fb))[1]  # type: ignore[method-assign]
+    prompt = _prompts(1, seed=3)[0] + [5, 7]
+    out, _ = _run(target, drafter, [prompt], SamplingParams(max_new_tokens=12), 1)
+    full = list(prompt) + list(out["0"])
+    ref = collect(target, full, head.cfg.feature_layers, VOCAB).features.float()
+    pos = len(prompt) - 1                      # the first root
+    for fb in seen:
+        kept = fb.features[fb.verified.path]
+        torch.testing.assert_close(kept, ref[pos: pos + len(fb.verified.path)], atol=2e-2, rtol=2e-2)
+        pos += len(fb.verified.tokens)
+    assert seen
+
+
+def test_sparse_soft_xent_by_hand():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    ids, p = torch.tensor([[2, 0]]), torch.tensor([[0.6, 0.2]])
+    lse = torch.logsumexp(logits, -1)
+    want = -(0.6 * (2.0 - lse) + 0.2 * (0.0 - lse)) / 0.8
+    torch.testing.assert_close(sparse_soft_xent(logits, ids, p), want)
+
+
+def test_checkpoint_round_trip_and_mismatch_refused(target, tmp_path, tiny_model):
+    head = head_from_target(target, VOCAB, seed=2)
+    save_eagle(head, tmp_path / "h", version="v7")
+    back, version = load_eagle(tmp_path / "h", target.cfg, target.embed)
+    assert version == "v7"
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v)
+    other = load_model(str(tiny_model("qwen2_moe")), with_tokenizer=False, fast_kernels=False).model
+    import dataclasses
+
+    wide = dataclasses.replace(target.cfg, hidden_size=target.cfg.hidden_size * 2)
+    with pytest.raises(ValueError, match="hidden_size"):
+        load_eagle(tmp_path / "h", wide, target.embed)
+    fewer = dataclasses.replace(other.cfg, num_layers=2)
+    with pytest.raises(ValueError, match="num_layers"):
+        load_eagle(tmp_path / "h", fewer, target.embed)
