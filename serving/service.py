@@ -407,7 +407,8 @@ class Replica:
                             calibrate=cfg.calibrate and spec == "adaptive")
         dcfg = DrafterConfig(cfg.drafter, draft_layers=min(cfg.draft_layers, loaded.config.num_layers),
                              draft_mode=cfg.draft_mode)
-        drafter = build_drafter(dcfg, cfg.model, loaded.config.vocab_size, cfg.max_batch, max_len, loaded.config)
+        drafter = build_drafter(dcfg, cfg.model, loaded.config.vocab_size, cfg.max_batch, max_len, loaded.config,
+                                target=loaded.model)
         if cfg.domain_lineages:
             from drafters.by_domain import DomainDrafter
 

@@ -77,7 +77,8 @@ def build_engine(args: argparse.Namespace, loaded, max_batch: int = 1):
     cfg = EngineConfig(max_batch=max_batch, max_len=loaded.model.max_len, speculation=args.speculation)
     dcfg = DrafterConfig(args.drafter, draft_layers=args.draft_layers, draft_mode=args.draft_mode,
                          draft_checkpoint=args.draft_checkpoint)
-    drafter = build_drafter(dcfg, args.model, loaded.config.vocab_size, max_batch, cfg.max_len, loaded.config)
+    drafter = build_drafter(dcfg, args.model, loaded.config.vocab_size, max_batch, cfg.max_len, loaded.config,
+                            target=loaded.model)
     return Engine(loaded.model, drafter, cfg, loaded.eos_token_ids,
                   detokenize=lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True))
 
@@ -168,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     from spectutor.moefy_cmd import add_parser as add_moefy_parser
 
     add_moefy_parser(sub)
+
+    from spectutor.draft_cmd import add_parser as add_draft_parser
+
+    add_draft_parser(sub)
     return parser
 
 
