@@ -109,3 +109,47 @@ def test_checkpoint_round_trip_and_mismatch_refused(target, tmp_path, tiny_model
     fewer = dataclasses.replace(other.cfg, num_layers=2)
     with pytest.raises(ValueError, match="num_layers"):
         load_eagle(tmp_path / "h", fewer, target.embed)
+
+
+def test_sampled_outputs_follow_the_target_law_with_three_deep_drafts(tmp_path):
+    """An 8-token target, 4-token outputs: the first draft is 3 deep; the joint law of all 4 tokens is exact."""
+    import itertools
+
+    import transformers
+    from scipy.stats import chisquare
+
+    cfg = transformers.LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   initializer_range=0.3, tie_word_embeddings=False)
+    torch.manual_seed(5)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "t8")
+    target = load_model(str(tmp_path / "t8"), with_tokenizer=False, fast_kernels=False).model
+    prompt, params = [1, 2, 3], SamplingParams(temperature=1.0, max_new_tokens=4)
+    # Exact law of the 4-token outputs from the target alone.
+    outs = list(itertools.product(range(8), repeat=4))
+    with torch.no_grad():
+        ids = torch.tensor([prompt + list(o[:3]) for o in outs[::8]])
+        logp = hf(ids).logits.float().log_softmax(-1)                      # [512, 6, 8]
+    law = torch.zeros(len(outs))
+    for n, o in enumerate(outs):
+        row = logp[n // 8]
+        law[n] = sum(row[len(prompt) - 1 + i, o[i]] for i in range(4)).exp()
+    # The head drafts only 6 of the 8 tokens, so q is 0 for the others.
+    head = head_from_target(target, torch.tensor([0, 1, 2, 3, 5, 6]), seed=3)
+    drafter = EagleDrafter(head, max_batch=64, max_len=16, min_confidence=0.0)
+    n = 3000
+    e = Engine(target, drafter, EngineConfig(max_batch=64, max_len=16, speculation=3, topk_log=0))
+    for i in range(n):
+        e.add_request(Request(str(i), tuple(prompt), SamplingParams(temperature=1.0, max_new_tokens=4, seed=i)))
+    counts = torch.zeros(len(outs))
+    for f in e.run_to_completion():
+        o = f.output_ids
+        counts[((o[0] * 8 + o[1]) * 8 + o[2]) * 8 + o[3]] += 1
+    assert e.stats.accepted_per_position[:3] and len(e.stats.accepted_per_position) >= 3  # 3-deep drafts accepted
+    expected = law * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    assert big.sum() >= 10
+    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
