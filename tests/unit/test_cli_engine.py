@@ -21,7 +21,7 @@ def test_generate_gives_the_same_text_with_every_drafter(capsys):
 
 
 @pytest.mark.parametrize("flag,value,message", [("--speculation", "lots", "--speculation"),
-                                                ("--drafter", "eagle", "invalid choice: 'eagle'")])
+                                                ("--drafter", "medusa", "invalid choice: 'medusa'")])
 def test_bad_drafter_flags_are_named(capsys, flag, value, message):
     with pytest.raises(SystemExit) as exc:
         main(ARGS + [flag, value])

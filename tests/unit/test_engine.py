@@ -293,8 +293,8 @@ def test_reduced_vocabulary_head_stays_lossless(tiny_model):
 
 
 def test_bad_drafter_config_names_the_value():
-    with pytest.raises(ValueError, match="unknown drafter 'eagle'"):
-        DrafterConfig("eagle")
+    with pytest.raises(ValueError, match="unknown drafter 'medusa'"):
+        DrafterConfig("medusa")
     with pytest.raises(ValueError, match="speculation"):
         EngineConfig(speculation="sometimes")
     with pytest.raises(ValueError, match="draft_mode"):
