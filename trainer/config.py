@@ -36,8 +36,21 @@ class TrainerConfig:
     """Events one poll takes at most (between two chances to train and checkpoint)."""
     state_dir: str = str(Path(os.environ.get("SPECTUTOR_HOME", Path.home() / ".cache" / "spectutor")) / "trainer")
     """Checkpoints live here."""
+    drafter: Literal["draft-lm", "eagle"] = "draft-lm"
+    """What every lineage trains (trainer.students): a draft-lm cut of the target, or an EAGLE head."""
     draft_layers: int = 4
-    """Layers of the target a fresh draft keeps."""
+    """draft-lm: layers of the target a fresh draft keeps."""
+    eagle_base: str | None = None
+    """eagle: the head a lineage starts from while the registry has none (default: the cached
+    warm-start head of `target`, made by `spectutor draft init`)."""
+    eagle_ttt_steps: int = 3
+    """eagle: draft steps unrolled by training-time test (as the warm start)."""
+    eagle_step_decay: float = 0.8
+    """eagle: loss weight of unrolled step j is eagle_step_decay ** j."""
+    eagle_prompt_weight: float = 0.3
+    """eagle: loss weight of prompt positions (outputs weigh all_weight + rejected_weight at rejections)."""
+    eagle_feature_cache: int = 640
+    """eagle: served requests whose recomputed target features stay in memory (about 3.5 kB per token)."""
     domains: tuple[str, ...] = ()
     """One lineage per listed domain; () trains one general lineage on all traffic."""
     general: bool = True
@@ -102,7 +115,13 @@ class TrainerConfig:
     registration holds the stop for up to 4 x registration_retry_cap_s more."""
 
     def __post_init__(self) -> None:
-        for name in ("draft_layers", "batch_size", "max_len", "buffer_size", "holdout_size", "train_every",
+        if self.drafter not in ("draft-lm", "eagle"):
+            raise ValueError(f"drafter={self.drafter!r}: must be draft-lm or eagle")
+        if not 0 < self.eagle_step_decay <= 1:
+            raise ValueError(f"eagle_step_decay={self.eagle_step_decay}: must be in (0, 1]")
+        if self.eagle_prompt_weight < 0:
+            raise ValueError(f"eagle_prompt_weight={self.eagle_prompt_weight}: must be >= 0")
+        for name in ("eagle_ttt_steps", "eagle_feature_cache", "draft_layers", "batch_size", "max_len", "buffer_size", "holdout_size", "train_every",
                      "gate_every", "poll_records"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")

@@ -1,7 +1,8 @@
 """The drafter registry in MLflow: versions, the `champion` / `challenger` aliases, verified downloads.
 
 One registered model per drafter lineage (`registered_name`); each version is a LoggedModel whose
-artifacts are a `save_draft` folder (model.safetensors + draft.json). Its tags carry the sha256 of
+artifacts are a `save_draft` folder (model.safetensors + draft.json) or a `save_eagle` one
+(model.safetensors + eagle.json). Its tags carry the sha256 of
 the weights file, so a replica can refuse a download that does not match what the trainer wrote.
 
 Atomicity: a version is created only after every artifact is uploaded and the LoggedModel is
@@ -25,6 +26,7 @@ from pathlib import Path
 from streams.schema import Promotion
 
 WEIGHTS_FILE = "model.safetensors"
+DRAFT_META_FILES = ("draft.json", "eagle.json")  # save_draft's and save_eagle's descriptions
 CHAMPION, CHALLENGER = "champion", "challenger"
 _HISTORY_TAG = "champion_history"  # JSON list of versions that held `champion`, oldest first
 _HISTORY_KEEP = 50
@@ -114,9 +116,10 @@ class DrafterVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def registered_name(domain: str | None = None, target: str | None = None) -> str:
-    """The registry name of a lineage: `spectutor-draft[-<target>][-<domain>]` (general drafter: no domain)."""
-    parts = ["spectutor-draft"]
+def registered_name(domain: str | None = None, target: str | None = None, drafter: str = "draft-lm") -> str:
+    """The registry name of a lineage: `spectutor-draft[-<target>][-<domain>]` for draft-lm versions,
+    `spectutor-eagle[-<target>][-<domain>]` for eagle heads (general drafter: no domain)."""
+    parts = ["spectutor-eagle" if drafter == "eagle" else "spectutor-draft"]
     for part in (target, domain):
         if part:
             clean = "".join(c if c.isalnum() or c in "-_" else "-" for c in part.lower())
@@ -167,7 +170,7 @@ class Lineage:
     def register(self, name: str, folder: str | Path, *, run_id: str | None = None,
                  tags: dict[str, object] | None = None, alias: str | None = None,
                  experiment: str | None = None) -> DrafterVersion:
-        """Upload a `save_draft` folder and make it version N+1 of `name`; optionally alias it.
+        """Upload a `save_draft` or `save_eagle` folder and make it version N+1 of `name`; optionally alias it.
 
         If `tags` carries a "sha256", the folder must match it (a checkpoint changed after it was
         scored is refused). Raises ArtifactError for a bad folder; nothing is registered then.
@@ -179,8 +182,8 @@ class Lineage:
         tags = {k: _tag(v) for k, v in (tags or {}).items()}
         if tags.setdefault("sha256", sha) != sha:
             raise ArtifactError(f"{folder}: weights sha256 {sha} != expected {tags['sha256']}")
-        if not (folder / "draft.json").is_file():
-            raise ArtifactError(f"{folder}/draft.json is missing")
+        if not any((folder / meta).is_file() for meta in DRAFT_META_FILES):
+            raise ArtifactError(f"{folder} has no {' or '.join(DRAFT_META_FILES)}")
         self._ensure_registered(name)
         if run_id is not None:
             experiment_id = self.client.get_run(run_id).info.experiment_id

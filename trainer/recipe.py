@@ -41,16 +41,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from drafters.draft_lm import DraftModel, draft_from_target, load_draft, save_draft
+from torch import nn
+
 from streams import Delivery, TokenEvent, decode_event, default_url, encode, open_consumer
 from trainer import checkpoint as ckpt
 from trainer.config import GENERAL, TrainerConfig
-from trainer.distill import EvalMetrics, decide, distill_loss, evaluate
+from trainer.distill import EvalMetrics, decide
 from trainer.drift import DriftMonitor
 from trainer.idle import LoadWatcher, Preempted
 from trainer.lineage import PendingRegistration
 from trainer.router import Router
-from trainer.samples import Holdout, RecencyBuffer, collate, sample_from_event
+from trainer.samples import Holdout, RecencyBuffer, sample_from_event
+from trainer.students import student_kind
 from trainer.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -69,9 +71,9 @@ class LineageState:
 
     key: str
     name: str
-    student: DraftModel
+    student: nn.Module            # a DraftModel or an EagleHead (trainer.students)
     optimizer: torch.optim.Optimizer
-    champion: DraftModel
+    champion: nn.Module
     champion_version: int | None
     buffer: RecencyBuffer
     holdout: Holdout
@@ -152,9 +154,9 @@ class Trainer:
             shutil.rmtree(stale, ignore_errors=True)
         found = ckpt.latest(Path(cfg.state_dir))
         state = found[1] if found else {}
-        self._base: DraftModel | None = None
+        self.kind = student_kind(cfg)
         for key in cfg.lineage_keys:
-            name = registered_name(None if key == GENERAL else key, cfg.lineage_tag)
+            name = registered_name(None if key == GENERAL else key, cfg.lineage_tag, cfg.drafter)
             info = state.get("lineages", {}).get(key)
             self.lineages[key] = self._open_lineage(key, name, found[0] / key if found and info else None, info)
         if found:
@@ -166,11 +168,6 @@ class Trainer:
         self._unguard = [self.watcher.guard(lin.student) for lin in self.lineages.values()]
         self._last_ckpt = time.monotonic()
 
-    def _base_draft(self) -> DraftModel:
-        if self._base is None:
-            self._base = draft_from_target(self.cfg.target, self.cfg.draft_layers, max_len=self.cfg.max_len)
-        return copy.deepcopy(self._base)
-
     def _open_lineage(self, key: str, name: str, folder: Path | None, info: dict | None) -> LineageState:
         cfg = self.cfg
         version = info.get("champion_version") if info else None
@@ -179,17 +176,13 @@ class Trainer:
             current = self.registry.by_alias(name) if info is None else (
                 self.registry.get(name, version) if version is not None else None)
             if current is not None:
-                champion, _ = load_draft(self.registry.fetch(current, Path(cfg.state_dir) / "registry"),
-                                         max_len=cfg.max_len)
+                champion = self.kind.load(self.registry.fetch(current, Path(cfg.state_dir) / "registry"))
                 version = current.version
-        champion = champion or self._base_draft()
-        if folder is not None:
-            student, _ = load_draft(folder, max_len=cfg.max_len)
-        else:
-            student = copy.deepcopy(champion)
+        champion = champion or self.kind.base()
+        student = self.kind.load(folder) if folder is not None else self.kind.clone(champion)
         student.train()
         champion.eval()
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(self.kind.parameters(student), lr=cfg.lr, weight_decay=0.0)
         if folder is not None and (folder / "optim.pt").is_file():
             opt.load_state_dict(torch.load(folder / "optim.pt", weights_only=True))
         tracker = self.tracker_factory()
@@ -268,23 +261,22 @@ class Trainer:
         """One gradient step on a recency-weighted draw; False if serving load preempted it."""
         cfg = self.cfg
         samples = lin.buffer.draw(cfg.batch_size, self.rng)
-        batch = collate(samples, cfg.all_weight, cfg.rejected_weight, cfg.bonus_is_rejected)
         start = time.perf_counter()
         lin.optimizer.zero_grad(set_to_none=True)
         try:
-            loss, metrics = distill_loss(lin.student, batch, cfg.loss, cfg.jsd_beta, self._teacher_model())
+            loss, metrics = self.kind.loss(lin.student, samples)
             loss.backward()
         except Preempted:
             lin.optimizer.zero_grad(set_to_none=True)
             self.stats.preemptions += 1
             return False
-        torch.nn.utils.clip_grad_norm_(lin.student.parameters(), 1.0)  # as OSD (HF max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.kind.parameters(lin.student), 1.0)  # as OSD (HF max_grad_norm)
         lin.optimizer.step()
         took = time.perf_counter() - start
         self.stats.steps += 1
         metrics.update({"data/events_consumed": float(self.stats.events_consumed), "data/lag_s": self.stats.lag_s,
                         "data/buffer": float(len(lin.buffer)), "perf/samples_per_s": len(samples) / took,
-                        "perf/tokens_per_s": float(batch.attention_mask.sum()) / took,
+                        "perf/tokens_per_s": metrics.pop("train/tokens") / took,
                         "idle/preemptions": float(self.stats.preemptions)})
         if lin.key in self.drift.domains:
             metrics["serving/acceptance"] = self.drift.value(lin.key)
@@ -293,23 +285,13 @@ class Trainer:
         lin.step += 1
         return True
 
-    def _teacher_model(self):
-        if self.cfg.teacher != "target":
-            return None
-        if getattr(self, "_target", None) is None:
-            from moe.loader import load_model
-
-            self._target = load_model(self.cfg.target, with_tokenizer=False, fast_kernels=False,
-                                      max_len=self.cfg.max_len).model
-        return self._target
-
     def gate(self, lin: LineageState) -> bool:
         """Score student vs champion on the hold-out; register, promote and announce a winner."""
         held = list(lin.holdout.items)
         if len(held) < self.cfg.gate.min_samples:
             return False
-        champ = evaluate(lin.champion, held, self.cfg.gate.spec_len)
-        chall = evaluate(lin.student, held, self.cfg.gate.spec_len)
+        champ = self.kind.evaluate(lin.champion, held, self.cfg.gate.spec_len)
+        chall = self.kind.evaluate(lin.student, held, self.cfg.gate.spec_len)
         verdict = decide(champ, chall, self.cfg.gate)
         self.stats.last_decision = f"{lin.key}: {'promote' if verdict.promote else 'keep'} ({verdict.reason})"
         metrics = {**chall.as_dict("eval/"), **champ.as_dict("eval/champion_"), "eval/promoted": float(verdict.promote)}
@@ -324,7 +306,7 @@ class Trainer:
     def _promote(self, lin: LineageState, champ: EvalMetrics, chall: EvalMetrics) -> None:
         """Make the student champion: at once without a registry, else through MLflow (see _register)."""
         if self.registry is None:
-            self._crown(lin, copy.deepcopy(lin.student).eval(), None, champ.acceptance, chall.acceptance)
+            self._crown(lin, self.kind.clone(lin.student).eval(), None, champ.acceptance, chall.acceptance)
             return
         before = lin.pending
         if before is not None:
@@ -332,12 +314,13 @@ class Trainer:
                         "" if before.version is None else f" (registered as v{before.version}, left challenger)")
             shutil.rmtree(before.folder, ignore_errors=True)
         folder = Path(tempfile.mkdtemp(prefix="challenger-", dir=self.cfg.state_dir))
-        sha = save_draft(lin.student, folder, f"{lin.name}@step{lin.step}")
-        tags = {"parent_version": str(lin.champion_version), "kafka_offsets": copy.deepcopy(lin.offsets),
+        sha = self.kind.save(lin.student, folder, f"{lin.name}@step{lin.step}")
+        tags = {"drafter": self.kind.name, "parent_version": str(lin.champion_version),
+                "kafka_offsets": copy.deepcopy(lin.offsets),
                 "domains": [lin.key], "sha256": sha, "trained_steps": lin.step,
                 "gate": {**chall.as_dict(""), "champion_acceptance": champ.acceptance,
                          "champion_accepted_length": champ.accepted_length}}
-        lin.pending = PendingRegistration(copy.deepcopy(lin.student).eval(), folder, tags, lin.tracker.run_id,
+        lin.pending = PendingRegistration(self.kind.clone(lin.student).eval(), folder, tags, lin.tracker.run_id,
                                           champ.acceptance, chall.acceptance)
         if before is not None:  # the outage is not over because a new winner came: keep its backoff
             lin.pending.attempts, lin.pending.next_try = before.attempts, before.next_try
@@ -385,7 +368,7 @@ class Trainer:
             if lin.pending is not None and (force or now >= lin.pending.next_try):
                 self._register(lin)
 
-    def _crown(self, lin: LineageState, model: DraftModel, version: int | None, before: float, after: float) -> None:
+    def _crown(self, lin: LineageState, model: nn.Module, version: int | None, before: float, after: float) -> None:
         lin.champion = model
         lin.champion_version = version
         lin.promotions += 1
@@ -467,7 +450,7 @@ class Trainer:
         d = ckpt.begin(Path(self.cfg.state_dir), self.stats.steps)
         held, records, lineages = [], [], {}
         for key, lin in self.lineages.items():
-            sha = save_draft(lin.student, d / key, f"{lin.name}@step{lin.step}")
+            sha = self.kind.save(lin.student, d / key, f"{lin.name}@step{lin.step}")
             torch.save(lin.optimizer.state_dict(), d / key / "optim.pt")
             lineages[key] = {"name": lin.name, "student_sha256": sha, "champion_version": lin.champion_version,
                              "step": lin.step, "new_since_train": lin.new_since_train, "promotions": lin.promotions,
