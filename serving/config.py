@@ -40,6 +40,11 @@ class ServeConfig:
     """draft-lm cut at start: target layers kept."""
     draft_mode: str = "chain"
     """draft-lm: chain, topk, gumbel or beam (also used for promoted versions)."""
+    fallback: str | None = "hybrid"
+    """With drafter eagle: the drafter served while no eagle head exists (None: refuse to start);
+    the lineage's first promoted head replaces it."""
+    eagle_min_confidence: float = 0.1
+    """eagle (at start and promoted): a chain stops after a token whose draft probability is below this."""
     speculation: str | int = "adaptive"
     """"adaptive", or a fixed draft size (0 = plain decoding)."""
     max_batch: int = 8
@@ -84,6 +89,10 @@ class ServeConfig:
         if self.draft_mode not in ("chain", "topk", "gumbel", "beam"):
             raise ValueError(f"draft_mode must be chain, topk, gumbel or beam, got {self.draft_mode!r}")
         _speculation(self.speculation)
+        from drafters.registry import DrafterConfig
+
+        DrafterConfig(self.drafter, draft_mode=self.draft_mode, fallback=self.fallback,  # names a bad fallback
+                      eagle_min_confidence=self.eagle_min_confidence)
         for name in ("max_batch", "max_waiting", "default_max_tokens", "draft_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

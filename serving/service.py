@@ -406,7 +406,8 @@ class Replica:
         ecfg = EngineConfig(max_batch=cfg.max_batch, max_len=max_len, speculation=spec,
                             calibrate=cfg.calibrate and spec == "adaptive")
         dcfg = DrafterConfig(cfg.drafter, draft_layers=min(cfg.draft_layers, loaded.config.num_layers),
-                             draft_mode=cfg.draft_mode)
+                             draft_mode=cfg.draft_mode, eagle_min_confidence=cfg.eagle_min_confidence,
+                             fallback=cfg.fallback)
         drafter = build_drafter(dcfg, cfg.model, loaded.config.vocab_size, cfg.max_batch, max_len, loaded.config,
                                 target=loaded.model)
         if cfg.domain_lineages:
@@ -477,11 +478,20 @@ class Replica:
         return HeartbeatSender(self.bus, sample, interval_s=cfg.heartbeat_interval_s)
 
     def _draft_builder(self, max_len: int) -> Callable[[Any, str], Drafter]:
+        """(downloaded folder, version) -> drafter: an EagleDrafter for an eagle checkpoint (checked
+        against this replica's target: a head that does not fit raises ValueError naming the mismatch,
+        and the swapper keeps the current drafter), else a DraftLMDrafter."""
         from drafters.draft_lm import DraftLMDrafter, load_draft
+        from drafters.eagle import EagleDrafter, is_eagle_checkpoint, load_eagle
 
-        cfg, tcfg = self.cfg, self.loaded.config
+        cfg, tcfg, target = self.cfg, self.loaded.config, self.loaded.model
 
         def build(folder: Any, version: str) -> Drafter:
+            if is_eagle_checkpoint(folder):
+                head, _ = load_eagle(folder, tcfg, target.embed, max_len)
+                head.to(target.embed.weight.device)
+                return EagleDrafter(head, version, max_batch=cfg.max_batch, max_len=max_len,
+                                    min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(tcfg))
             model, _ = load_draft(folder, max_len=max_len)
             return DraftLMDrafter(model, version, mode=cfg.draft_mode, max_batch=cfg.max_batch, max_len=max_len,
                                   cost_hint=model.cost_ratio(tcfg))

@@ -59,7 +59,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--users", type=int, default=2, help="concurrent clients (default 2)")
     p.add_argument("--think-s", type=float, default=0.5, help="mean pause of a client between requests (s)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per request (default 48)")
-    p.add_argument("--draft-layers", type=int, default=4, help="target layers the draft starts from (default 4)")
+    p.add_argument("--drafter", default="eagle", choices=["eagle", "draft-lm"],
+                   help="eagle: the warm-start head, trained once on first use (`spectutor draft init`), then "
+                        "online; draft-lm: a cut of the target distilled online (default %(default)s)")
+    p.add_argument("--draft-layers", type=int, default=4, help="draft-lm: target layers the draft starts from (default 4)")
     p.add_argument("--speculation", type=int, default=3, help="draft tokens per step (default 3)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve app (default 8000)")
     p.add_argument("--out", default="demo-results", help="results folder (a subfolder per run)")
@@ -174,13 +177,15 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _port_free(args.port)
     resolve_model(args.model)  # converts or cuts a named target once, before replicas and trainer load it
+    if args.drafter == "eagle":
+        _warm_start(args.model)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = f"demo-{stamp}"
     out_dir = Path(args.out) / stamp
     cfg = LoopConfig(model=args.model, work_dir=spectutor_home() / "demo" / stamp, tag=tag,
                      kafka=env["SPECTUTOR_KAFKA_BOOTSTRAP"], redis_url=env["SPECTUTOR_REDIS_URL"],
                      mlflow_uri=env["MLFLOW_TRACKING_URI"], served_model_name=Path(args.model).name,
-                     port=args.port, draft_layers=args.draft_layers, speculation=args.speculation,
+                     port=args.port, drafter=args.drafter, draft_layers=args.draft_layers, speculation=args.speculation,
                      max_batch=max(2, args.users), max_len=1024, poll_interval_s=10.0,
                      trainer_args={"--batch-size": 8, "--holdout-size": 16, "--train-every": 4,
                                    "--steps-per-sample": 1, "--gate-every": 8, "--gate-min-samples": 8,
@@ -192,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     _stop_on_signals()
     loop = LocalLoop(cfg)
     print(f"spectutor demo: {args.minutes:g} min of traffic (ShareGPT, then HumanEval at {_mmss(shift_s)}); "
-          f"target {args.model}, draft = its first {args.draft_layers} layers, drafter lineage {cfg.lineage}",
+          f"target {args.model}, draft = {_draft_words(args)}, drafter lineage {cfg.lineage}",
           flush=True)
     progress = Progress(total_s, shift_s)
     interrupted = False
@@ -211,6 +216,26 @@ def main(args: argparse.Namespace) -> int:
     registry = _registry(cfg.lineage, env["MLFLOW_TRACKING_URI"])
     progress.trainer_status(status)
     return _report(args, cfg, loop, progress, shift_s, registry, status, interrupted, out_dir)
+
+
+def _draft_words(args: argparse.Namespace) -> str:
+    return "an eagle head" if args.drafter == "eagle" else f"a {args.draft_layers}-layer draft"
+
+
+def _warm_start(model: str) -> None:
+    """Train and cache the warm-start eagle head on first use (what `spectutor draft init` does)."""
+    from tqdm import tqdm
+
+    from drafters.eagle import is_eagle_checkpoint, warm_start_dir
+    from trainer.eagle_init import build_warm_start
+
+    folder = warm_start_dir(model)
+    if is_eagle_checkpoint(folder):
+        print(f"eagle: warm-start head {folder}", flush=True)
+        return
+    print(f"eagle: no warm-start head for {model} yet; training it once (cached in {folder}; "
+          "a few tens of minutes on 2 cores; --drafter draft-lm skips it)", flush=True)
+    build_warm_start(model, folder, progress=tqdm)
 
 
 async def _run(loop: Any, args: argparse.Namespace, progress: Progress, total_s: float) -> None:
@@ -265,11 +290,12 @@ def _report(args: argparse.Namespace, cfg: Any, loop: Any, progress: Progress, s
 
     outcomes = progress.outcomes
     config = {"minutes": args.minutes, "shift_at": args.shift_at, "model": args.model, "users": args.users,
-              "think_s": args.think_s, "max_tokens": args.max_tokens, "draft_layers": args.draft_layers,
+              "think_s": args.think_s, "max_tokens": args.max_tokens, "drafter": args.drafter,
+              "draft_layers": args.draft_layers,
               "speculation": args.speculation, "lineage": cfg.lineage, "topic": cfg.topic,
               "trainer_args": cfg.trainer_args, "trainer_log": str(loop.trainer_log)}
     summary = demo_report.summarize(outcomes, shift_s, progress.promotions, registry, config, status, interrupted)
-    title = (f"spectutor demo: {cfg.model} with a {cfg.draft_layers}-layer draft distilled online "
+    title = (f"spectutor demo: {cfg.model} with {_draft_words(args)} distilled online "
              f"({demo_report.machine()['cpu']}, {os.cpu_count()} cores)")
     files = demo_report.write(summary, outcomes, out_dir, title)
     req = summary["requests"]

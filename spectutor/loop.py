@@ -9,7 +9,8 @@ full-loop tests drive it; neither serving nor the trainer knows it exists.
     loop.stop()             # trainer, Serve, Ray; idempotent, also after a failed start
 
 Everything a run creates is named after `tag`: the Kafka topic `spectutor.loop-<tag>`, the consumer
-group, the registered drafter `spectutor-draft-<tag>` (which the replicas follow), the state folder.
+group, the registered drafter `spectutor-draft-<tag>` or `spectutor-eagle-<tag>` (which the replicas
+follow), the state folder.
 """
 from __future__ import annotations
 
@@ -52,8 +53,11 @@ class LoopConfig:
     ray_cpus: int = 2
     replica_threads: int = 1
     """torch threads per replica (OMP_NUM_THREADS in the replicas)."""
+    drafter: str = "draft-lm"
+    """What replicas draft with and the trainer trains: draft-lm (a cut of the target) or eagle (the
+    warm-start head at first, `hybrid` while none exists; the trainer needs one to start from)."""
     draft_layers: int = 4
-    """The draft at start is the target's first `draft_layers` layers; the trainer cuts the same."""
+    """draft-lm: the draft at start is the target's first `draft_layers` layers; the trainer cuts the same."""
     speculation: int = 3
     """Draft tokens per step (fixed, so acceptance is comparable across versions)."""
     max_batch: int = 4
@@ -67,7 +71,7 @@ class LoopConfig:
     def lineage(self) -> str:
         from trainer.lineage import registered_name
 
-        return registered_name(None, self.tag)
+        return registered_name(None, self.tag, self.drafter)
 
     @property
     def topic(self) -> str:
@@ -115,7 +119,7 @@ class LocalLoop:
     def serve_args(self) -> dict[str, Any]:
         """The app's args (a ServeConfig mapping + deployment options), as deploy/serve.yaml has them."""
         c = self.cfg
-        return dict(model=c.model, served_model_name=c.served_model_name, drafter="draft-lm",
+        return dict(model=c.model, served_model_name=c.served_model_name, drafter=c.drafter, fallback="hybrid",
                     draft_layers=c.draft_layers, draft_mode="chain", speculation=c.speculation,
                     max_batch=c.max_batch, max_len=c.max_len, calibrate=False,
                     events_url=f"kafka://{c.kafka}", events_topic=c.topic, redis_url=c.redis_url,
@@ -176,7 +180,7 @@ class LocalLoop:
         c = self.cfg
         args = {"--model": c.model, "--events-url": f"kafka://{c.kafka}", "--topic": c.topic,
                 "--group": f"trainer-{c.tag}", "--state-dir": str(self.work_dir / "trainer"),
-                "--lineage-tag": c.tag, "--draft-layers": c.draft_layers, "--spec-len": c.speculation,
+                "--lineage-tag": c.tag, "--drafter": c.drafter, "--draft-layers": c.draft_layers, "--spec-len": c.speculation,
                 "--redis-url": c.redis_url, "--status-file": str(self.status_file), **c.trainer_args}
         cmd = [sys.executable, "-m", "spectutor", "train", "--no-progress"]
         for flag, value in args.items():

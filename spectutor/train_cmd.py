@@ -40,7 +40,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domains", default="", help="comma-separated domains with their own drafter (default: one)")
     p.add_argument("--no-general", action="store_true", help="with --domains: no general drafter")
     p.add_argument("--lineage-tag", default=None, help="inserted in registered model names")
+    p.add_argument("--drafter", default=d.drafter, choices=["draft-lm", "eagle"],
+                   help="what the lineages train: a cut of the target or an eagle head (default %(default)s)")
     p.add_argument("--draft-layers", type=_positive(int, "--draft-layers"), default=d.draft_layers)
+    p.add_argument("--eagle-base", default=None, metavar="FOLDER",
+                   help="eagle: the head a lineage starts from (default: the warm-start head of --model)")
     p.add_argument("--loss", default=d.loss, choices=["fkl", "rkl", "jsd", "osd_jsd", "tvd"])
     p.add_argument("--jsd-beta", type=float, default=d.jsd_beta)
     p.add_argument("--lr", type=_positive(float, "--lr"), default=d.lr)
@@ -87,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> TrainerConfig:
     return TrainerConfig(
         target=args.model, events_url=args.events_url, topic=args.topic, group=args.group, state_dir=args.state_dir,
         poll_records=args.poll_records,
-        draft_layers=args.draft_layers, domains=domains, general=not args.no_general, lineage_tag=args.lineage_tag,
+        drafter=args.drafter, eagle_base=args.eagle_base, draft_layers=args.draft_layers, domains=domains, general=not args.no_general, lineage_tag=args.lineage_tag,
         loss=args.loss, jsd_beta=args.jsd_beta, lr=args.lr, batch_size=args.batch_size,
         rejected_weight=args.rejected_weight, holdout_size=args.holdout_size, train_every=args.train_every,
         steps_per_sample=args.steps_per_sample, gate_every=args.gate_every,

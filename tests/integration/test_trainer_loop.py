@@ -99,7 +99,7 @@ def test_better_challenger_is_registered_promoted_and_announced_worse_one_is_not
         assert reg.client.get_metric_history(run_id, "eval/acceptance")
         # A worse challenger (the untrained cut) is not promoted: no new version, champion unchanged.
         lin = t.lineages["general"]
-        lin.student.load_state_dict(t._base_draft().state_dict())
+        lin.student.load_state_dict(t.kind.base().state_dict())
         before = [v.version for v in reg.versions(name)]
         assert not t.gate(lin)
         assert [v.version for v in reg.versions(name)] == before
