@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -122,16 +121,6 @@ class TargetHandle:
         return self._model
 
 
-@dataclass(frozen=True)
-class EagleSampleWeights:
-    """How a served request's positions weigh in the EAGLE loss."""
-
-    prompt: float
-    output: float
-    rejected: float
-    bonus_is_rejected: bool
-
-
 class EagleKind:
     """EAGLE heads (drafters.eagle), trained with training-time test (trainer.eagle_train).
 
@@ -144,8 +133,6 @@ class EagleKind:
     def __init__(self, cfg: TrainerConfig, target: TargetHandle):
         self.cfg = cfg
         self.target = target
-        self.weights = EagleSampleWeights(cfg.eagle_prompt_weight, cfg.all_weight, cfg.rejected_weight,
-                                          cfg.bonus_is_rejected)
         self._features: collections.OrderedDict[tuple[str, tuple[int, ...]], object] = collections.OrderedDict()
         self.feature_forwards = 0
         """Target forwards run to recompute features (a cache miss each)."""
@@ -192,12 +179,12 @@ class EagleKind:
         if hit is not None:
             self._features.move_to_end(key)
             return hit
-        w = self.weights
+        cfg = self.cfg
         tokens = sample.input_ids.tolist()
-        weights = torch.full((len(tokens),), w.prompt)
-        marked = torch.from_numpy(sample.rejected | sample.bonus if w.bonus_is_rejected else sample.rejected)
+        weights = torch.full((len(tokens),), cfg.eagle_prompt_weight)
+        marked = torch.from_numpy(sample.rejected | sample.bonus if cfg.bonus_is_rejected else sample.rejected)
         rows = torch.arange(sample.first, sample.first + sample.num_rows)
-        weights[rows] = w.output + w.rejected * marked.float()
+        weights[rows] = cfg.all_weight + cfg.rejected_weight * marked.float()
         fs = collect(self.target.model(), tokens, head.cfg.feature_layers, head.vocab_ids, weights,
                      domain=sample.domain or "")
         self.feature_forwards += 1
