@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from trainer.samples import Holdout, RecencyBuffer, sample_from_event
 from trainer.students import student_kind
 from trainer.tracking import NullTracker, Tracker
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 # The MLflow client retries a failing HTTP request itself: 7 times with backoff factor 2 and a 120 s
 # timeout by default, minutes in which the trainer loop would stand still while the server is down.
@@ -107,6 +108,7 @@ class TrainerStats:
     commit_failures: int = 0  # consumer commits that failed after a durable checkpoint (retried at the next)
     registration_retries: int = 0  # attempts on a pending registration (after a failure, once its backoff passed)
     pending_registrations: int = 0  # lineages whose winner waits for MLflow now
+    registry_waits: int = 0  # MLflow calls at start that found it unreachable and were retried
 
 
 class Trainer:
@@ -173,10 +175,13 @@ class Trainer:
         version = info.get("champion_version") if info else None
         champion = None
         if self.registry is not None:
-            current = self.registry.by_alias(name) if info is None else (
-                self.registry.get(name, version) if version is not None else None)
+            current = self._while_unreachable(f"{name}: reading the champion", lambda: (
+                self.registry.by_alias(name) if info is None else
+                self.registry.get(name, version) if version is not None else None))
             if current is not None:
-                champion = self.kind.load(self.registry.fetch(current, Path(cfg.state_dir) / "registry"))
+                folder_ = self._while_unreachable(f"{name}: fetching v{current.version}", lambda: (
+                    self.registry.fetch(current, Path(cfg.state_dir) / "registry")))
+                champion = self.kind.load(folder_)
                 version = current.version
         champion = champion or self.kind.base()
         student = self.kind.load(folder) if folder is not None else self.kind.clone(champion)
@@ -188,8 +193,8 @@ class Trainer:
         tracker = self.tracker_factory()
         params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("gate", "idle", "drift")}
         params.update({f"gate.{k}": v for k, v in dataclasses.asdict(cfg.gate).items()})
-        first = tracker.start(name, params, {"lineage": key, "target": cfg.target,
-                                             "champion_version": str(version)})
+        first = self._while_unreachable(f"{name}: opening its MLflow run", lambda: tracker.start(
+            name, params, {"lineage": key, "target": cfg.target, "champion_version": str(version)}))
         lin = LineageState(key, name, student, opt, champion, version, RecencyBuffer(cfg.buffer_size, cfg.half_life),
                            Holdout(cfg.holdout_size), tracker)
         if info:
@@ -197,6 +202,29 @@ class Trainer:
             lin.offsets = info["offsets"]
         lin.step = max(first, info["step"] + 1 if info else 0)
         return lin
+
+    def _while_unreachable(self, what: str, call: Callable[[], T]) -> T:
+        """call(), retried with backoff while MLflow is unreachable (trainer.lineage.unreachable).
+
+        A trainer that starts during an MLflow outage waits for it rather than exiting: without the
+        registry it cannot know which champion to gate against. Any other error is raised; a stop
+        request (stop_event) ends the wait with the last outage error.
+        """
+        from trainer.lineage import backoff_s, unreachable
+
+        failures = 0
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if not unreachable(exc) or self.stop_event.is_set():
+                    raise
+                failures += 1
+                self.stats.registry_waits += 1
+                delay = backoff_s(failures, self.cfg.registration_retry_s, self.cfg.registration_retry_cap_s)
+                log.warning("%s: MLflow unreachable (%s: %s); try %d failed, next in %.1f s", what,
+                            type(exc).__name__, exc, failures, delay)
+                self.stop_event.wait(delay)
 
     def _restore(self, folder: Path, state: dict) -> None:
         self.stats.events_consumed = state["events_consumed"]

@@ -263,7 +263,9 @@ def test_mlflow_down_serving_unaffected_and_the_trainer_retries_registration(loo
     from trainer.lineage import Lineage
 
     lp = loop["loop"]
-    before = lp.trainer_status()
+    # A trainer that is still starting waits for MLflow (tests/unit/test_trainer_resilience.py); this
+    # drill is about one that is running, so it waits for the trainer's first status.
+    before = lp.wait_trainer(lambda s: True, 180, "the trainer's first status")
     with Traffic(lp.url, pool("epsilon")) as t:  # new prompts: the trainer will soon have a winner
         t.wait(4)
         _service("stop", "mlflow")

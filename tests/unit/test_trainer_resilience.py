@@ -27,8 +27,9 @@ class FlakyRegistry:
     """The slice of trainer.lineage.Lineage the trainer promotes through; the listed calls (1-based, per
     method) fail as an unreachable server would. Records every call."""
 
-    def __init__(self, fail_register: set[int] = frozenset(), fail_promote: set[int] = frozenset()):
-        self.fail_register, self.fail_promote = set(fail_register), set(fail_promote)
+    def __init__(self, fail_register: set[int] = frozenset(), fail_promote: set[int] = frozenset(),
+                 fail_alias: set[int] = frozenset()):
+        self.fail_register, self.fail_promote, self.fail_alias = set(fail_register), set(fail_promote), set(fail_alias)
         self.calls: list[tuple[str, object, bool]] = []  # (method, sha256 or version, succeeded)
         self.versions: list[DrafterVersion] = []
         self.champion: int | None = None
@@ -57,6 +58,17 @@ class FlakyRegistry:
         self.calls.append(("promote", version, True))
         self.champion = version
         return DrafterVersion(name, version, "", self.versions[version - 1].sha256, (CHAMPION,))
+
+    def by_alias(self, name, alias=CHAMPION) -> DrafterVersion | None:
+        if self._n("by_alias") in self.fail_alias:
+            self.calls.append(("by_alias", alias, False))
+            raise MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/registered-models/alias "
+                                  "failed with exception ConnectionError")
+        self.calls.append(("by_alias", alias, True))
+        return self.versions[self.champion - 1] if self.champion else None
+
+    def fetch(self, version: DrafterVersion, root: Path) -> Path:
+        return Path(version.source_uri)
 
     def ok(self, method: str) -> list[object]:
         return [arg for m, arg, done in self.calls if m == method and done]
@@ -144,6 +156,67 @@ def test_programming_errors_still_raise(tmp_path, tiny_model) -> None:
             t._promote(t.lineages["general"], EvalMetrics(0.1, 1.2, 0.1, 8, 64), EvalMetrics(0.5, 2.0, 0.5, 8, 64))
     finally:
         t.cleanup()
+
+
+class FlakyTracker:
+    """A tracker whose first `fails` start() calls find MLflow unreachable."""
+
+    def __init__(self, fails: int):
+        self.fails, self.starts, self.run_id, self.last = fails, 0, None, {}
+
+    def start(self, lineage, params, tags) -> int:
+        self.starts += 1
+        if self.starts <= self.fails:
+            raise requests.ConnectionError("[Errno 111] Connection refused")
+        self.run_id = "run-1"
+        return 0
+
+    def log(self, metrics, step) -> None:
+        self.last.update(metrics)
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def test_a_trainer_started_during_an_outage_waits_for_the_registry_and_loads_its_champion(
+        tmp_path, tiny_model, monkeypatch) -> None:
+    import trainer.lineage
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    target = tiny_model("llama")
+    probe = Trainer(_cfg(tmp_path / "probe", target))
+    probe.setup()
+    try:  # a champion already in the registry, different from the base draft
+        champion = probe.kind.clone(probe.lineages["general"].student)
+        with torch.no_grad():
+            next(champion.parameters()).add_(0.5)
+        sha = _sha(champion, tmp_path / "v1")
+    finally:
+        probe.cleanup()
+    reg = FlakyRegistry(fail_alias={1, 2})
+    reg.versions.append(DrafterVersion("d", 1, str(tmp_path / "v1"), sha, (CHAMPION,)))
+    reg.champion = 1
+    monkeypatch.setattr(trainer.lineage, "Lineage", lambda *a, **k: reg)
+    trackers = []
+    t = Trainer(_cfg(tmp_path, target, registry=True),
+                tracker_factory=lambda: trackers.append(FlakyTracker(fails=1)) or trackers[-1])
+    t.setup()  # by_alias refused twice, the run's creation once: waited for, not raised
+    try:
+        lin = t.lineages["general"]
+        assert [c[2] for c in reg.calls if c[0] == "by_alias"] == [False, False, True]
+        assert t.stats.registry_waits == 3 and trackers[0].starts == 2 and lin.tracker.run_id == "run-1"
+        assert lin.champion_version == 1 and _sha(lin.champion, tmp_path / "c") == sha
+        assert _sha(lin.student, tmp_path / "s") == sha  # a fresh student starts from the champion
+    finally:
+        t.cleanup()
+    # A call that is wrong rather than unreachable is raised at once.
+    reg2 = FlakyRegistry()
+    reg2.by_alias = lambda *a, **k: (_ for _ in ()).throw(MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE))
+    monkeypatch.setattr(trainer.lineage, "Lineage", lambda *a, **k: reg2)
+    t2 = Trainer(_cfg(tmp_path / "t2", target, registry=True))
+    with pytest.raises(MlflowException, match="bad name"):
+        t2.setup()
+    assert t2.stats.registry_waits == 0
 
 
 def test_backoff_recovers_a_20s_outage_within_15s() -> None:
