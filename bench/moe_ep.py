@@ -18,7 +18,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine_info import cpu_name  # noqa: E402
+from bench.machine_info import torch_machine  # noqa: E402
 from moe import smoe  # noqa: E402
 
 REPLAY_EPS = (2, 4, 8, 16, 32, 64)
@@ -312,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                   "a2a time is dominated by per-collective latency, not bytes. Bytes = activation rows sent to other "
                   "ranks (dispatch + combine), fp32, per rank per layer-step; routing metadata and split sizes are "
                   "recorded separately (a2a_total_bytes)."),
-        "machine": {"cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": torch_machine(),
         "seconds": round(time.time() - t_start, 1),
     }
     out = Path(args.out)

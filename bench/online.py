@@ -35,7 +35,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import machine  # noqa: E402
+from bench.machine_info import torch_machine  # noqa: E402
 from drafters.draft_lm import DraftLMDrafter, draft_from_target  # noqa: E402
 from drafters.base import NoDrafter  # noqa: E402
 from moe.generate import SamplingParams  # noqa: E402
@@ -287,7 +287,7 @@ def main() -> int:
     teacher_s = time.perf_counter() - t0
     if args.interference:
         ids = [ids for _, ids in (held["sharegpt"] + held["humaneval"])][: args.latency_requests]
-        res = {"machine": machine(), "requests": len(ids), "new_tokens": args.new_tokens, "gap_s": args.gap_s,
+        res = {"machine": torch_machine(), "requests": len(ids), "new_tokens": args.new_tokens, "gap_s": args.gap_s,
                "latency": measure_interference(lm, cache, ids, args.new_tokens, args.gap_s, args.draft_layers)}
         (ROOT / "bench" / "results" / f"online-interference-{args.tag}.json").write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
@@ -329,7 +329,7 @@ def main() -> int:
     sg_online_end = curve[-1]["online"]["sharegpt"]["acceptance"]
     sg_online_best = max(p["online"]["sharegpt"]["acceptance"] for p in curve)
     result = {
-        "machine": machine(), "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": torch_machine(), "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                          "note": f"{args.sharegpt} ShareGPT + {args.humaneval} HumanEval requests, "
                                                  f"{args.new_tokens} tokens"},
         "switch_at": switch, "curve": curve, "timings_s": {"teacher": teacher_s, "stream": train_s},

@@ -34,7 +34,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import machine  # noqa: E402
+from bench.machine_info import torch_machine  # noqa: E402
 from bench.online import prompts as split_prompts, teacher_events  # noqa: E402
 from bench.speculative import _Counter, run_hf  # noqa: E402
 from drafters.base import NoDrafter  # noqa: E402
@@ -163,7 +163,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("requests of online training")
         ax.set_ylabel("speed-up (batch 1, greedy)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{result['model']} on {result['machine']['cpu']}, {result['machine']['cores']} threads", fontsize=9)
+    fig.suptitle(f"{result['model']} on {result['machine']['cpu']}, {result['machine']['torch_threads']} threads", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -203,7 +203,7 @@ def main() -> int:
     hf = AutoModelForCausalLM.from_pretrained(lm.folder, dtype=torch.float32).eval()
     counter = _Counter(hf)
     cache = ROOT / "bench" / "results" / f"online-teacher-{args.new_tokens}.bin"
-    result = {"model": DEFAULT_MODEL, "machine": machine(), "settings": {k: v for k, v in vars(args).items()},
+    result = {"model": DEFAULT_MODEL, "machine": torch_machine(), "settings": {k: v for k, v in vars(args).items()},
               "domains": {}}
     for domain in tqdm(domains, desc="domains"):
         result["domains"][domain] = run_domain(lm, hf, counter, domain, args, cache, warm)

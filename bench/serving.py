@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine_info import cpu_name  # noqa: E402
+from bench.machine_info import torch_machine  # noqa: E402
 
 
 def load_requests(n: int) -> list[dict]:
@@ -201,7 +201,7 @@ def main() -> int:
                                                               if args.rate else [])
     result = {"model": args.model, "drafter": args.drafter, "max_tokens": args.max_tokens, "requests": len(reqs),
               "server": "external " + args.url if args.url else "in-process replica + FastAPI on uvicorn",
-              "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()}, "note": args.note, "runs": []}
+              "machine": torch_machine(), "note": args.note, "runs": []}
     try:
         for mode in modes:
             if replica is not None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import machine  # noqa: E402
+from bench.machine_info import torch_machine  # noqa: E402
 from drafters.registry import DrafterConfig, build_drafter  # noqa: E402
 from moe.generate import SamplingParams  # noqa: E402
 from moe.loader import DEFAULT_MODEL, encode_prompt, load_model  # noqa: E402
@@ -244,7 +244,7 @@ def main() -> int:
     lm = load_model(DEFAULT_MODEL, dtype="fp32")
     prompts = load_prompts(lm.tokenizer, args.prompts)
     result = {"model": DEFAULT_MODEL, "threads": args.threads, "new_tokens": args.new_tokens,
-              "draft_layers": args.draft_layers, "machine": machine()}
+              "draft_layers": args.draft_layers, "machine": torch_machine()}
     result["batch1"] = bench_batch1(lm, prompts, args.new_tokens, args.draft_layers)
     for domain, rows in result["batch1"].items():
         for name, r in rows.items():

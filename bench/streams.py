@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine_info import cpu_name  # noqa: E402
+from bench.machine_info import machine  # noqa: E402
 from streams import TokenEvent, decode_event, encode, open_consumer, open_producer  # noqa: E402
 from streams.producer import BaseProducer  # noqa: E402
 
@@ -47,10 +46,6 @@ def decode_ms_per_token() -> tuple[float, float]:
     """(tokens/s, ms/token) of greedy decoding from the runtime benchmark's result file."""
     tps = json.loads(DECODE_REFERENCE.read_text())["greedy"]["lean_tokens_per_s"]
     return tps, 1000.0 / tps
-
-
-def machine() -> dict:
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def broker_cpu_s() -> float | None:
