@@ -4,8 +4,10 @@
    threads, interleaved prompt by prompt so both see the same machine noise.
 2. Verification cost curve: one tree forward of 1..64 nodes at context 256 and 1024.
 3. Memory: peak RSS of a process that loads the model and decodes, and KV cache bytes per token.
+4. Kernels: what `--kernels auto` chose here (moe/kernels.py, its per-width timings), and greedy
+   tokens/s of each candidate forced, interleaved prompt by prompt: the choice should be the fastest.
 
-    python bench/decode.py [--prompts 20] [--new-tokens 128] [--threads 2] [--dtype fp32]
+    python bench/decode.py [--prompts 20] [--new-tokens 128] [--threads 2] [--dtype fp32] [--kernels auto]
 """
 from __future__ import annotations
 
@@ -92,6 +94,53 @@ def bench_tree_cost(model, repeats: int) -> dict:
     return out
 
 
+def bench_kernels(spec: str, dtype: str, device: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy tokens/s with each kernel candidate forced, same prompts, interleaved."""
+    from moe.kernels import CANDIDATES
+
+    models = {c: load_model(spec, dtype=dtype, device=device, with_tokenizer=False, kernels=c).model
+              for c in CANDIDATES}
+    params = SamplingParams(max_new_tokens=new_tokens)
+    seconds = {c: 0.0 for c in models}
+    outputs = {c: [] for c in models}
+    for m in models.values():
+        generate(m, prompts[0][:32], SamplingParams(max_new_tokens=8))  # warm-up
+    for ids in tqdm(prompts, desc="greedy decode per kernel candidate"):
+        for c, m in models.items():
+            t = time.perf_counter()
+            outputs[c].append(generate(m, ids, params))
+            seconds[c] += time.perf_counter() - t
+    total = new_tokens * len(prompts)
+    first = next(iter(outputs))
+    return {"tokens_per_s": {c: total / s for c, s in seconds.items()}, "prompts": len(prompts),
+            "identical_outputs": {c: sum(a == b for a, b in zip(outputs[c], outputs[first])) for c in outputs}}
+
+
+def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Memory bandwidth as STREAM's copy counts it (bytes read + bytes written per second, best of
+    `repeats`), with the threads torch runs: the roofline a weight-bound decode step is held to."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    best = min(_timed_copy(dst, src) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
+    t = time.perf_counter()
+    dst.copy_(src)
+    return time.perf_counter() - t
+
+
+def roofline(result: dict) -> dict:
+    """Greedy ms per token against weight bytes / copy bandwidth."""
+    bw = copy_bandwidth_gbs()
+    floor_ms = result["memory"]["weights_mb"] * 2**20 / (bw * 1e9) * 1e3
+    step_ms = 1e3 / result["greedy"]["lean_tokens_per_s"]
+    return {"copy_bandwidth_gbs": bw, "weight_read_floor_ms": floor_ms, "lean_ms_per_token": step_ms,
+            "fraction_of_roofline": floor_ms / step_ms}
+
+
 def weights_mb(model: torch.nn.Module) -> float:
     """Bytes of weights the model holds, counting oneDNN-packed linears that dropped their dense copy."""
     from moe.cpu_kernels import PackedLinear
@@ -153,10 +202,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--tag", default=None, help="name in the output files (default: the device type)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    from moe.kernels import KERNELS
+
+    ap.add_argument("--kernels", default="auto", choices=KERNELS, help="CPU kernels of the lean decoder")
+    ap.add_argument("--kernel-prompts", type=int, default=5, help="prompts for the per-candidate comparison (0: skip)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
     tag = args.tag or torch.device(args.device).type
     prompts = [chat_ids(loaded.tokenizer, p.text) for p in islice(sharegpt_prompts("heldout"), args.prompts)]
     result = {
@@ -168,7 +221,13 @@ def main() -> int:
                    "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                    "kv_bytes_per_token_per_slot": loaded.model.new_cache(1, 1).bytes_per_token(),
                    "weights_mb": weights_mb(loaded.model)},
+        "kernels": {"choice": loaded.kernels.as_dict()},
     }
+    if loaded.model.embed.weight.device.type == "cpu":
+        result["roofline"] = roofline(result)
+    if args.kernel_prompts and loaded.kernels.how != "only candidate":
+        result["kernels"]["forced"] = bench_kernels(args.model, args.dtype, args.device,
+                                                    prompts[: args.kernel_prompts], args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"decode-{tag}-{args.dtype}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
@@ -179,6 +238,15 @@ def main() -> int:
     for ctx, row in result["tree_forward_ms"].items():
         print(f"tree forward @ {ctx}: " + ", ".join(f"{n}:{ms:.1f}ms" for n, ms in row.items()))
     print(f"memory: {result['memory']}")
+    print(loaded.kernels.summary())
+    if "roofline" in result:
+        r = result["roofline"]
+        print(f"roofline: copy bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s, weight-read floor "
+              f"{r['weight_read_floor_ms']:.1f} ms/token, lean {r['lean_ms_per_token']:.1f} ms/token: "
+              f"{r['fraction_of_roofline']:.0%} of the roofline")
+    if "forced" in result["kernels"]:
+        print("greedy tok/s per kernel candidate: " + ", ".join(
+            f"{c} {v:.1f}" for c, v in result["kernels"]["forced"]["tokens_per_s"].items()))
     print(f"wrote {stem}.json and .png")
     return 0
 

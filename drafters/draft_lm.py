@@ -161,13 +161,14 @@ class DraftLMDrafter:
     def __init__(self, model: DraftModel, version: str = "base", mode: TreeMode = "chain",
                  branching: tuple[int, ...] = (2, 2, 1, 1), beam_width: int = 4, max_batch: int = 16,
                  max_len: int = 2048, cost_hint: float = 0.25, budgets: tuple[int, ...] | None = None,
-                 fast_kernels: bool = True):
+                 kernels: str = "auto"):
         if mode not in ("chain", "topk", "gumbel", "beam"):
             raise ValueError(f"mode must be chain, topk, gumbel or beam, got {mode!r}")
-        if fast_kernels and model.decoder.dtype == torch.float32 and model.decoder.embed.weight.device.type == "cpu":
-            from moe.cpu_kernels import pack_linears
+        from moe.kernels import choose
+        from moe.loader import kernel_cache
 
-            pack_linears(model)  # serving copy only: the trainer keeps its own, unpacked
+        # Serving copy only: the trainer keeps its own on the default kernels (autograd runs there).
+        self.kernels = choose(model, kernels, kernel_cache(), timed=model.decoder)
         self.model = model
         self._version = version
         self.mode = mode

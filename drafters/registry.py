@@ -38,6 +38,8 @@ class DrafterConfig:
     """suffix: most tokens of recent outputs the shared trie holds (oldest evicted; 0: no shared trie)."""
     suffix_min_prob: float = 0.1
     """suffix: a draft token must be at least this share of its parent's continuations."""
+    kernels: str = "auto"
+    """draft-lm: the fp32 CPU kernels of its linear layers (moe.kernels.KERNELS; auto = measured here)."""
 
     def __post_init__(self) -> None:
         if self.name not in DRAFTERS:
@@ -54,6 +56,9 @@ class DrafterConfig:
             raise ValueError(f"suffix_min_prob must be in [0, 1], got {self.suffix_min_prob}")
         if not 0.0 <= self.eagle_min_confidence < 1.0:
             raise ValueError(f"eagle_min_confidence must be in [0, 1), got {self.eagle_min_confidence}")
+        from moe.kernels import check_kernels
+
+        check_kernels(self.kernels)
         if self.fallback is not None and (self.fallback not in DRAFTERS or self.fallback == "eagle"):
             raise ValueError(f"fallback must be a drafter other than eagle ({', '.join(DRAFTERS[:-1])}), "
                              f"got {self.fallback!r}")
@@ -96,7 +101,7 @@ def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_bat
         version = f"cut-{model.cfg.num_layers}"
     hint = model.cost_ratio(target_cfg) if target_cfg is not None else 0.25
     return DraftLMDrafter(model, version, mode=cfg.draft_mode, branching=cfg.branching, max_batch=max_batch,
-                          max_len=max_len, cost_hint=hint)
+                          max_len=max_len, cost_hint=hint, kernels=cfg.kernels)
 
 
 def _eagle(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int, target_cfg,

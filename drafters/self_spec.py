@@ -42,9 +42,9 @@ def small_everywhere_model(target_spec: str, small_modules: Sequence[GatedMLP], 
 
 def duo_small_drafter(target_spec: str, small_modules: Sequence[GatedMLP], max_batch: int, max_len: int,
                       target_cfg: ModelConfig | None = None, mode: TreeMode = "chain",
-                      fast_kernels: bool = True) -> DraftLMDrafter:
+                      kernels: str = "auto") -> DraftLMDrafter:
     """The "small FFN everywhere" drafter, version "duo-small-<width>"; its cost hint is its MAC ratio to the target."""
     model = small_everywhere_model(target_spec, small_modules, max_len=max_len)
     hint = model.cost_ratio(target_cfg) if target_cfg is not None else 0.5
     return DraftLMDrafter(model, f"duo-small-{model.cfg.intermediate_size}", mode=mode, max_batch=max_batch,
-                          max_len=max_len, cost_hint=hint, fast_kernels=fast_kernels)
+                          max_len=max_len, cost_hint=hint, kernels=kernels)

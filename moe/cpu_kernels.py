@@ -40,11 +40,12 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
-def pack_linears(model: nn.Module, min_out_features: int = 8) -> int:
+def pack_linears(model: nn.Module, min_out_features: int = 8, keep_dense: bool = False) -> int:
     """Swap every fp32 CPU nn.Linear of `model` for a PackedLinear; returns how many were swapped.
 
     Inference only: packed weights take no gradients. Tiny projections (a 1-wide shared-expert
-    gate) gain nothing and are left alone.
+    gate) gain nothing and are left alone. `keep_dense` keeps every dense weight too, so that
+    `unpack_linears` restores the very same tensors (moe/kernels.py times both and keeps one).
     """
     if not packing_available():
         return 0
@@ -55,6 +56,21 @@ def pack_linears(model: nn.Module, min_out_features: int = 8) -> int:
         for name, child in list(parent.named_children()):
             if (type(child) is nn.Linear and child.weight.dtype == torch.float32
                     and child.weight.device.type == "cpu" and child.out_features >= min_out_features):
-                setattr(parent, name, PackedLinear(child, keep_dense=id(child.weight) in shared))
+                setattr(parent, name, PackedLinear(child, keep_dense=keep_dense or id(child.weight) in shared))
+                swapped += 1
+    return swapped
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Swap every PackedLinear of `model` back for an nn.Linear (torch's default kernels); returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                dense = child._dense if child._dense is not None else child._packed.to_dense()
+                linear.weight = dense if isinstance(dense, nn.Parameter) else nn.Parameter(dense, requires_grad=False)
+                linear.bias = child.bias
+                setattr(parent, name, linear)
                 swapped += 1
     return swapped

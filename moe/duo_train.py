@@ -182,7 +182,7 @@ def train_random_routing(model: LeanDecoder, tokens: Tensor, cfg: RandomRoutingC
 
     Per token and layer the route is big with probability `p_big`, else small. Only the small FFNs
     learn: big FFNs, attention, embeddings and head stay frozen. The model's weights must be plain
-    (autograd-capable) tensors: load it with fast_kernels=False.
+    (autograd-capable) tensors: load it with kernels="default".
     """
     from tqdm import tqdm
 
@@ -292,7 +292,7 @@ def ensure_random_routing(name: str, smalls: Sequence[GatedMLP], base_meta: dict
         tuned, meta = load_small_modules(out)
         if all(meta.get(k) == v for k, v in want.items()):
             return tuned, meta
-    model = load_model(name, fast_kernels=False, with_tokenizer=False).model  # plain weights: autograd runs through them
+    model = load_model(name, kernels="default", with_tokenizer=False).model  # plain weights: autograd runs through them
     tuned = [copy.deepcopy(s) for s in smalls]
     attach_duo(model, tuned)
     tokens = text_chunks(tokenizer, (p.text for p in sharegpt_prompts("train")), cfg.sequences, cfg.seq_len)

@@ -18,6 +18,7 @@ from torch import Tensor
 from moe.config import ModelConfig, config_from_hf
 from moe.errors import CorruptModelError, ModelNotFoundError
 from moe.gguf_convert import convert_gguf, is_converted
+from moe.kernels import KernelChoice, choose
 from moe.model import LeanDecoder, MoEBackend
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -28,6 +29,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 def spectutor_home() -> Path:
     """Root of spectutor's caches: $SPECTUTOR_HOME or ~/.cache/spectutor."""
     return Path(os.environ.get("SPECTUTOR_HOME", Path.home() / ".cache" / "spectutor")).expanduser()
+
+
+def kernel_cache() -> Path:
+    """Where the measured kernel choices are kept (moe/kernels.py)."""
+    return spectutor_home() / "kernels.json"
 
 
 def default_gguf() -> Path:
@@ -175,6 +181,8 @@ class LoadedModel:
     config: ModelConfig
     model: LeanDecoder
     tokenizer: Any
+    kernels: KernelChoice | None = None
+    """Which CPU kernels the linear layers run and why (moe/kernels.py)."""
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -205,11 +213,13 @@ def load_tokenizer(folder: Path) -> Any:
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max_len: int | None = None,
                moe_backend: MoEBackend | Literal["auto"] = "auto", ep_size: int = 1, ep_rank: int = 0,
-               with_tokenizer: bool = True, fast_kernels: bool = True, device: str = "cpu") -> LoadedModel:
+               with_tokenizer: bool = True, kernels: str = "auto", device: str = "cpu") -> LoadedModel:
     """Resolve `spec`, build the lean decoder and load its weights (and tokenizer).
 
-    `fast_kernels` packs fp32 linear weights for oneDNN on CPU (see moe/cpu_kernels.py);
-    False keeps torch's default kernels, the same ones Hugging Face models run.
+    `kernels` picks the fp32 CPU kernels of the linear layers (moe/kernels.py): "auto" times the
+    candidates on this machine (once; the verdict is cached) and keeps the fastest, "default" keeps
+    torch's own (the ones Hugging Face models run, and the only ones autograd goes through),
+    "onednn" packs the weights for oneDNN.
     `device` is where weights and KV caches live ("cpu", "cuda", "cuda:1", ...).
     `moe_backend="auto"` runs MoE blocks through DeepSpeed's MoE layer when deepspeed is
     installed, and through the local implementation otherwise.
@@ -232,12 +242,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max
         model.lm_head.weight = model.embed.weight
     model.rotary = type(model.rotary)(cfg, model.max_len)  # buffers were built on meta
     model.to(device=device, dtype=torch_dtype).eval()
-    if fast_kernels and torch_dtype == torch.float32 and model.embed.weight.device.type == "cpu":
-        from moe.cpu_kernels import pack_linears
-
-        pack_linears(model)
+    choice = choose(model, kernels, kernel_cache())
     tok = load_tokenizer(folder) if with_tokenizer else None
-    return LoadedModel(name=spec, folder=folder, config=cfg, model=model, tokenizer=tok)
+    return LoadedModel(name=spec, folder=folder, config=cfg, model=model, tokenizer=tok, kernels=choice)
 
 
 def _check_shapes(model: LeanDecoder, sd: Mapping[str, Tensor]) -> None:

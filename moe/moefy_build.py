@@ -139,7 +139,7 @@ def build(dense_spec: str, out_dir: Path, cfg: MoefyConfig, token_lists: Sequenc
         raise ValueError(f"{dense_spec}: MoEfication writes a Mixtral checkpoint, which has no attention biases or q/k norms")
     if dense_cfg.intermediate_size % cfg.experts:
         raise ValueError(f"experts={cfg.experts} does not divide the FFN width {dense_cfg.intermediate_size} of {dense_spec}")
-    loaded = load_model(str(folder), fast_kernels=False, with_tokenizer=token_lists is None)
+    loaded = load_model(str(folder), kernels="default", with_tokenizer=token_lists is None)
     if token_lists is None:
         token_lists = encode_texts(loaded.tokenizer, sample_texts(cfg.texts), cfg.tokens_per_text)
     if not token_lists:

@@ -83,7 +83,10 @@ class EngineServer:
         """Replica id, drafter serving, swap and service counters (tests and operators)."""
         sw = self.replica.swapper
         st = self.replica.service.stats
+        import torch
+
         return {"replica_id": self.replica.replica_id, "drafter": self.replica.service.drafter.name,
+                "threads": torch.get_num_threads(), "kernels": self.replica.loaded.kernels.summary(),
                 "drafter_version": self.replica.service.drafter.version,
                 "swaps": sw.stats.swaps if sw else 0, "swap_failures": sw.stats.failures if sw else 0,
                 "swap_history": sw.stats.history if sw else [], "last_swap_error": sw.stats.last_error if sw else "",
@@ -140,6 +143,9 @@ def build_app(args: dict[str, Any]) -> Any:
     user_config = args.pop("user_config", None)
     max_queued = int(args.pop("max_queued_requests", -1))
     num_cpus = float(args.pop("num_cpus", 1.0))
+    # Torch threads follow the CPUs Ray reserves for the replica, explicitly: left alone, torch would
+    # take whatever OMP_NUM_THREADS Ray happened to set, and nothing would say so.
+    args.setdefault("threads", max(1, int(num_cpus)))
     cfg = ServeConfig.from_dict(args)
     engine_opts: dict[str, Any] = {"num_replicas": num_replicas, "max_queued_requests": max_queued,
                                    "max_ongoing_requests": cfg.max_batch + cfg.max_waiting,

@@ -34,6 +34,12 @@ class ServeConfig:
     """The `model` clients send and /v1/models lists (default: `model`)."""
     dtype: str = "fp32"
     """Target weights: fp32 or bf16."""
+    threads: int | None = None
+    """torch threads of the replica's engine; under Ray Serve, build_app sets it from the replica's
+    num_cpus (at least 1). None leaves torch's setting alone (in-process use)."""
+    kernels: str = "auto"
+    """fp32 CPU kernels of the target and draft-lm linear layers (moe.kernels.KERNELS): auto times
+    the candidates on the replica's machine and threads (cached), or one forced."""
     drafter: str = "hybrid"
     """Drafter at start (drafters.registry.DRAFTERS); promotions of `lineage` replace it."""
     draft_layers: int = 4
@@ -92,7 +98,9 @@ class ServeConfig:
         from drafters.registry import DrafterConfig
 
         DrafterConfig(self.drafter, draft_mode=self.draft_mode, fallback=self.fallback,  # names a bad fallback
-                      eagle_min_confidence=self.eagle_min_confidence)
+                      eagle_min_confidence=self.eagle_min_confidence, kernels=self.kernels)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         for name in ("max_batch", "max_waiting", "default_max_tokens", "draft_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -399,7 +399,11 @@ class Replica:
         self.cfg = cfg
         self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:8]}"
         self.config_errors = 0  # user_configs refused by reconfigure()
-        self.loaded = loaded = load_model(cfg.model, dtype=cfg.dtype)
+        if cfg.threads is not None:  # before the load: the kernel choice is measured at this thread count
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        self.loaded = loaded = load_model(cfg.model, dtype=cfg.dtype, kernels=cfg.kernels)
         max_len = min(cfg.max_len or loaded.model.max_len, loaded.model.max_len)
         policy = cfg.policy
         spec = policy.speculation if policy.speculation is not None else cfg.speculation
@@ -407,7 +411,7 @@ class Replica:
                             calibrate=cfg.calibrate and spec == "adaptive")
         dcfg = DrafterConfig(cfg.drafter, draft_layers=min(cfg.draft_layers, loaded.config.num_layers),
                              draft_mode=cfg.draft_mode, eagle_min_confidence=cfg.eagle_min_confidence,
-                             fallback=cfg.fallback)
+                             fallback=cfg.fallback, kernels=cfg.kernels)
         drafter = build_drafter(dcfg, cfg.model, loaded.config.vocab_size, cfg.max_batch, max_len, loaded.config,
                                 target=loaded.model)
         if cfg.domain_lineages:
@@ -494,7 +498,7 @@ class Replica:
                                     min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(tcfg))
             model, _ = load_draft(folder, max_len=max_len)
             return DraftLMDrafter(model, version, mode=cfg.draft_mode, max_batch=cfg.max_batch, max_len=max_len,
-                                  cost_hint=model.cost_ratio(tcfg))
+                                  cost_hint=model.cost_ratio(tcfg), kernels=cfg.kernels)
 
         return build
 

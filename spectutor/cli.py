@@ -17,6 +17,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name, Hugging Face folder, cached hub id or .gguf file (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    _kernels_arg(p, "auto")
+
+
+def _kernels_arg(p: argparse.ArgumentParser, default: str | None) -> None:
+    from moe.kernels import KERNELS
+
+    p.add_argument("--kernels", default=default, choices=KERNELS,
+                   help="fp32 CPU kernels of the linear layers: auto (time each candidate on this machine "
+                        "once, keep the fastest) or one forced" + ("" if default else "; default: the config's"))
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -32,9 +41,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from moe.loader import load_model
 
     start = time.perf_counter()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype, kernels=args.kernels)
     print(f"{args.model}: ready in {loaded.folder} ({time.perf_counter() - start:.1f}s, "
-          f"{loaded.config.num_layers} layers, vocab {loaded.config.vocab_size})")
+          f"{loaded.config.num_layers} layers, vocab {loaded.config.vocab_size}; {loaded.kernels.summary()})")
     return 0
 
 
@@ -76,7 +85,7 @@ def build_engine(args: argparse.Namespace, loaded, max_batch: int = 1):
 
     cfg = EngineConfig(max_batch=max_batch, max_len=loaded.model.max_len, speculation=args.speculation)
     dcfg = DrafterConfig(args.drafter, draft_layers=args.draft_layers, draft_mode=args.draft_mode,
-                         draft_checkpoint=args.draft_checkpoint)
+                         draft_checkpoint=args.draft_checkpoint, kernels=args.kernels)
     drafter = build_drafter(dcfg, args.model, loaded.config.vocab_size, max_batch, cfg.max_len, loaded.config,
                             target=loaded.model)
     return Engine(loaded.model, drafter, cfg, loaded.eos_token_ids,
@@ -93,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.ep_size > 1:
         return _generate_expert_parallel(args, params)
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype, kernels=args.kernels)
     engine = build_engine(args, loaded)
     engine.add_request(Request("cli", tuple(_encode(loaded.tokenizer, args.prompt, args.raw)), params))
     out: list[int] = []
@@ -113,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stats:
         print(f"[{len(out)} tokens in {seconds:.2f}s, {len(out) / seconds:.1f} tokens/s; drafter {args.drafter} "
               f"{engine.drafter.version}; {len(done.steps)} target forwards, mean accepted length "
-              f"{done.mean_accepted_length:.2f}; {done.accepted_tokens}/{done.draft_tokens} draft tokens accepted]",
+              f"{done.mean_accepted_length:.2f}; {done.accepted_tokens}/{done.draft_tokens} draft tokens accepted; "
+              f"{loaded.kernels.summary()}]",
               file=sys.stderr)
     return 0
 

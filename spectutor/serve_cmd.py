@@ -17,6 +17,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="override the config's target model")
     p.add_argument("--drafter", default=None, help="override the config's starting drafter")
     p.add_argument("--replicas", type=int, default=None, help="override the number of engine replicas")
+    from spectutor.cli import _kernels_arg
+
+    _kernels_arg(p, None)
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--num-cpus", type=int, default=None,
@@ -43,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
     from serving.app import build_app
 
     http, app_args = load_app_args(args.config)
-    for key, value in (("model", args.model), ("drafter", args.drafter), ("num_replicas", args.replicas)):
+    for key, value in (("model", args.model), ("drafter", args.drafter), ("num_replicas", args.replicas),
+                       ("kernels", args.kernels)):
         if value is not None:
             app_args[key] = value
     if args.model is not None and "served_model_name" in app_args:
@@ -58,9 +62,26 @@ def main(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="spectutor", route_prefix="/")
+        _print_replicas(int(app_args.get("num_replicas", 1)))
         print(f"spectutor serving on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _print_replicas(replicas: int, tries: int = 100) -> None:
+    """One line per engine replica: the torch threads and CPU kernels it got (routing is random:
+    ask until each has answered)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("engine", app_name="spectutor")
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        info = handle.info.remote().result(timeout_s=60)
+        seen[info["replica_id"]] = info
+        if len(seen) == replicas:
+            break
+    for rid, info in sorted(seen.items()):
+        print(f"replica {rid}: {info['threads']} torch thread(s) (num_cpus), {info['kernels']}", flush=True)

@@ -107,7 +107,7 @@ def build_warm_start(model: str = DEFAULT_MODEL, out: Path | None = None, cfg: I
     out = out or warm_start_dir(model)
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
-    loaded = load_model(model, kernels="default") if _takes_kernels() else load_model(model, fast_kernels=False)
+    loaded = load_model(model, kernels="default")
     target, tok = loaded.model, loaded.tokenizer
     train_p = domain_prompts(tok, "train", cfg.sharegpt_prompts, cfg.humaneval_prompts, cfg.prompt_tokens)
     held_p = domain_prompts(tok, "heldout", cfg.heldout, cfg.heldout, cfg.prompt_tokens)
@@ -160,9 +160,3 @@ def build_warm_start(model: str = DEFAULT_MODEL, out: Path | None = None, cfg: I
         save_eagle(head, tmp, version="warm-start", extra=extra)
     log.info("eagle warm start for %s: %s (%.0f s)", loaded.name, out, extra["seconds"])
     return out
-
-
-def _takes_kernels() -> bool:
-    import inspect
-
-    return "kernels" in inspect.signature(load_model).parameters

@@ -116,7 +116,7 @@ class TargetHandle:
         if self._model is None:
             from moe.loader import load_model
 
-            self._model = load_model(self.cfg.target, with_tokenizer=False, fast_kernels=False,
+            self._model = load_model(self.cfg.target, with_tokenizer=False, kernels="default",
                                      max_len=self.cfg.max_len).model
         return self._model
 

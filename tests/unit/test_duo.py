@@ -55,7 +55,7 @@ class _NoFFN(nn.Module):
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     folder = tiny_model("llama")
-    return folder, load_model(str(folder), with_tokenizer=False, fast_kernels=False).model
+    return folder, load_model(str(folder), with_tokenizer=False, kernels="default").model
 
 
 TOKENS = [[3, 17, 200, 5, 9, 44, 81, 2], [7, 7, 1, 250, 33, 12, 90, 4]]

@@ -17,7 +17,7 @@ VOCAB = torch.arange(0, 256, 2)  # half the target vocabulary: drafts never prop
 
 @pytest.fixture(scope="module")
 def target(tiny_model):
-    return load_model(str(tiny_model("llama")), with_tokenizer=False, fast_kernels=False).model
+    return load_model(str(tiny_model("llama")), with_tokenizer=False, kernels="default").model
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -100,7 +100,7 @@ def test_checkpoint_round_trip_and_mismatch_refused(target, tmp_path, tiny_model
     assert version == "v7"
     for k, v in head.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v)
-    other = load_model(str(tiny_model("qwen2_moe")), with_tokenizer=False, fast_kernels=False).model
+    other = load_model(str(tiny_model("qwen2_moe")), with_tokenizer=False, kernels="default").model
     import dataclasses
 
     wide = dataclasses.replace(target.cfg, hidden_size=target.cfg.hidden_size * 2)
@@ -124,7 +124,7 @@ def test_sampled_outputs_follow_the_target_law_with_three_deep_drafts(tmp_path):
     torch.manual_seed(5)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "t8")
-    target = load_model(str(tmp_path / "t8"), with_tokenizer=False, fast_kernels=False).model
+    target = load_model(str(tmp_path / "t8"), with_tokenizer=False, kernels="default").model
     prompt, params = [1, 2, 3], SamplingParams(temperature=1.0, max_new_tokens=4)
     # Exact law of the 4-token outputs from the target alone.
     outs = list(itertools.product(range(8), repeat=4))

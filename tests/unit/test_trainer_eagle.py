@@ -30,7 +30,7 @@ def target_folder(tiny_model) -> Path:
 
 @pytest.fixture(scope="module")
 def target(target_folder):
-    return load_model(str(target_folder), with_tokenizer=False, fast_kernels=False).model
+    return load_model(str(target_folder), with_tokenizer=False, kernels="default").model
 
 
 @pytest.fixture(scope="module")

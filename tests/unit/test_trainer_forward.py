@@ -16,7 +16,7 @@ from trainer.samples import Holdout, RecencyBuffer, coarsen, collate, expected_a
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "mixtral"])
 def test_causal_forward_equals_inference_forward(tiny_model, name: str) -> None:
-    model = load_model(str(tiny_model(name)), with_tokenizer=False, moe_backend="local", fast_kernels=False).model
+    model = load_model(str(tiny_model(name)), with_tokenizer=False, moe_backend="local", kernels="default").model
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (40, 17, 29)]
     cache = model.new_cache(3, 64)
@@ -114,7 +114,7 @@ def test_recomputed_full_teacher_and_topk_teacher_agree_where_they_should(tiny_m
     from trainer.distill import distill_loss
 
     folder = tiny_model("llama")
-    target = load_model(str(folder), with_tokenizer=False, fast_kernels=False).model
+    target = load_model(str(folder), with_tokenizer=False, kernels="default").model
     whole = draft_from_target(str(folder), 3, max_len=512)   # every layer: the target itself
     part = draft_from_target(str(folder), 1, max_len=512)
     s = sample_from_event(_event(vocab=256), 64)
