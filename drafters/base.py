@@ -49,8 +49,9 @@ class Prefill:
 
     seq_id: int
     domain: str | None   # the request's traffic domain (per-domain drafters route on it)
-    features: Tensor     # [T-1, F] target hidden states after each prompt token but the last (the root)
-    next_tokens: Tensor  # [T-1] int64: the token that followed each of them (prompt[1:])
+    features: Tensor     # [n, F] target hidden states after n prompt tokens (never the last, the root);
+    # a long prompt comes in several chunks, in order (serving.engine.EngineConfig.prefill_chunk)
+    next_tokens: Tensor  # [n] int64: the token that followed each of them
 
 
 @runtime_checkable

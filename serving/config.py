@@ -55,6 +55,9 @@ class ServeConfig:
     """"adaptive", or a fixed draft size (0 = plain decoding)."""
     max_batch: int = 8
     """Sequences decoded together on one replica (continuous batching); KV cache slots."""
+    prefill_chunk: int = 128
+    """Prompt tokens prefilled per engine step while other sequences decode (0: whole prompts at once;
+    serving.engine.EngineConfig.prefill_chunk)."""
     max_len: int | None = 2048
     """Positions per sequence, prompt included, capped by the model's context (None: the whole
     context). The KV cache holds max_batch x max_len positions from the start: SmolLM2's 8192
@@ -99,6 +102,8 @@ class ServeConfig:
 
         DrafterConfig(self.drafter, draft_mode=self.draft_mode, fallback=self.fallback,  # names a bad fallback
                       eagle_min_confidence=self.eagle_min_confidence, kernels=self.kernels)
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         for name in ("max_batch", "max_waiting", "default_max_tokens", "draft_layers"):

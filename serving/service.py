@@ -408,7 +408,7 @@ class Replica:
         policy = cfg.policy
         spec = policy.speculation if policy.speculation is not None else cfg.speculation
         ecfg = EngineConfig(max_batch=cfg.max_batch, max_len=max_len, speculation=spec,
-                            calibrate=cfg.calibrate and spec == "adaptive")
+                            calibrate=cfg.calibrate and spec == "adaptive", prefill_chunk=cfg.prefill_chunk)
         dcfg = DrafterConfig(cfg.drafter, draft_layers=min(cfg.draft_layers, loaded.config.num_layers),
                              draft_mode=cfg.draft_mode, eagle_min_confidence=cfg.eagle_min_confidence,
                              fallback=cfg.fallback, kernels=cfg.kernels)

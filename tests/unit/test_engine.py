@@ -312,3 +312,80 @@ def test_merged_trees_share_common_paths_and_respect_the_budget():
     assert cut.tokens.tolist() == [5, 6, 7, 9] and cut.parents.tolist() == [-1, 0, 1, -1]
     with pytest.raises(ValueError, match="deterministic"):
         merge_trees([Draft.chain([1], q=torch.ones(2, 4) / 4)], budget=3)
+
+
+def _stream_while_long_prompts_arrive(target, drafter, chunk: int) -> tuple[dict, list[int], list[int]]:
+    """A running stream; two long prompts arrive at its third step. Returns the finished requests by
+    id, the prompt tokens prefilled at each step, and the tokens the stream got at each step."""
+    g = torch.Generator().manual_seed(5)
+    short = torch.randint(256, (6,), generator=g).tolist()
+    longs = [torch.randint(256, (n,), generator=g).tolist() for n in (200, 150)]
+    engine = Engine(target, drafter, EngineConfig(max_batch=4, max_len=512, speculation=3, prefill_chunk=chunk))
+    engine.add_request(Request("stream", tuple(short), SamplingParams(max_new_tokens=60)))
+    got, prefilled, streamed = {}, [], []
+    while engine.has_work():
+        before = engine.stats.prefill_tokens
+        outs = engine.step()
+        prefilled.append(engine.stats.prefill_tokens - before)
+        streamed.append(sum(len(o.new_tokens) for o in outs if o.request_id == "stream"))
+        got.update({o.request_id: o.finished for o in outs if o.finished})
+        if len(prefilled) == 3:
+            for i, p in enumerate(longs):
+                engine.add_request(Request(f"long{i}", tuple(p), SamplingParams(max_new_tokens=10)))
+    refs = {"stream": short, "long0": longs[0], "long1": longs[1]}
+    for rid, p in refs.items():
+        limit = 60 if rid == "stream" else 10
+        assert got[rid].output_ids == tuple(generate(target, p, SamplingParams(max_new_tokens=limit))), rid
+    return got, prefilled, streamed
+
+
+def test_long_prompts_are_prefilled_in_chunks_between_the_running_streams_steps(tiny_model):
+    target = load_model(str(tiny_model("llama")), with_tokenizer=False).model
+    _, prefilled, streamed = _stream_while_long_prompts_arrive(target, PromptLookup(), chunk=32)
+    assert prefilled[0] == 5 and prefilled[1:3] == [0, 0]  # the stream's own prompt, whole: nothing else ran
+    # From the arrival: 32 prompt tokens a step, oldest request first, until both are in (199 + 149).
+    assert prefilled[3:3 + 11] == [32] * 10 + [199 + 149 - 320] and sum(prefilled[3:]) == 199 + 149
+    assert all(n >= 1 for n in streamed[3:3 + 11])  # the stream emitted at every one of those steps
+    # Unchunked, the same arrival is one prefill step of both prompts.
+    _, whole, _ = _stream_while_long_prompts_arrive(target, PromptLookup(), chunk=0)
+    assert whole[3] == 199 + 149
+    # With nothing decoding, a long prompt goes in at once, in forwards of at most one chunk.
+    engine = Engine(target, PromptLookup(), EngineConfig(max_batch=2, max_len=512, speculation=3, prefill_chunk=32))
+    prompt = torch.randint(256, (200,), generator=torch.Generator().manual_seed(9)).tolist()
+    engine.add_request(Request("alone", tuple(prompt), SamplingParams(max_new_tokens=6)))
+    outs = engine.step()
+    assert engine.stats.prefill_tokens == 199 and engine.stats.prefill_forwards == 7 and outs[0].new_tokens
+    done = {}
+    while True:
+        done.update({o.request_id: o.finished.output_ids for o in outs if o.finished})
+        if not engine.has_work():
+            break
+        outs = engine.step()
+    assert done["alone"] == tuple(generate(target, prompt, SamplingParams(max_new_tokens=6)))
+
+
+def test_a_feature_drafter_sees_the_same_features_chunked_or_whole(tiny_model):
+    from drafters.eagle import EagleDrafter, head_from_target
+
+    target = load_model(str(tiny_model("llama")), with_tokenizer=False, kernels="default").model
+    proposals = []
+    for chunk in (0, 32):
+        head = head_from_target(target, torch.arange(0, 256), seed=1)
+        drafter = EagleDrafter(head, max_batch=4, max_len=512, min_confidence=0.0)
+        seen: dict[int, list[list[int]]] = {}
+        propose = drafter.propose
+
+        def recording(requests, propose=propose, seen=seen):
+            drafts = propose(requests)
+            for r, d in zip(requests, drafts):
+                seen.setdefault(r.seq_id, []).append(d.tokens.tolist())
+            return drafts
+
+        drafter.propose = recording
+        _stream_while_long_prompts_arrive(target, drafter, chunk)  # exact either way (checked inside)
+        proposals.append(seen)
+    # The head reads the prompt's hidden states: had a chunk's features been lost or misaligned, it
+    # would draft differently for the long prompts (sequences 1 and 2, admitted after the stream).
+    whole, chunked = proposals
+    assert sum(len(t) for t in chunked[1]) > 0
+    assert chunked[1] == whole[1] and chunked[2] == whole[2]
