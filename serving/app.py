@@ -131,28 +131,57 @@ class OpenAIRouter:
         return build_http_app(self.backend, self.model_id, overload_errors=(BackPressureError,))
 
 
-def build_app(args: dict[str, Any]) -> Any:
-    """Application builder for `serve run serving.app:build_app` / deploy/serve.yaml.
+def engine_deployment(args: dict[str, Any]) -> tuple[ServeConfig, dict[str, Any], dict[str, Any]]:
+    """(the replica's ServeConfig, its config mapping, the engine deployment's options) from build_app's args.
 
-    `args` is a ServeConfig mapping, plus optional engine deployment options: `num_replicas`,
-    `num_cpus` (per replica), `max_queued_requests` (beyond it: 503 + Retry-After) and
-    `user_config` (a SwapPolicy mapping).
+    Validates everything a replica would refuse, so a bad config fails at deploy time.
     """
     args = dict(args or {})
     num_replicas = int(args.pop("num_replicas", 1))
     user_config = args.pop("user_config", None)
     max_queued = int(args.pop("max_queued_requests", -1))
     num_cpus = float(args.pop("num_cpus", 1.0))
+    num_gpus = args.pop("num_gpus", None)
     # Torch threads follow the CPUs Ray reserves for the replica, explicitly: left alone, torch would
     # take whatever OMP_NUM_THREADS Ray happened to set, and nothing would say so.
     args.setdefault("threads", max(1, int(num_cpus)))
     cfg = ServeConfig.from_dict(args)
+    gpus = float(num_gpus) if num_gpus is not None else (1.0 if cfg.device.startswith("cuda") else 0.0)
+    if gpus < 0 or (gpus == 0 and cfg.device.startswith("cuda")):
+        raise ValueError(f"num_gpus must be > 0 for device {cfg.device!r}, got {num_gpus}")
+    actor: dict[str, Any] = {"num_cpus": num_cpus}
+    if gpus:
+        actor["num_gpus"] = gpus
     engine_opts: dict[str, Any] = {"num_replicas": num_replicas, "max_queued_requests": max_queued,
                                    "max_ongoing_requests": cfg.max_batch + cfg.max_waiting,
-                                   "ray_actor_options": {"num_cpus": num_cpus}}
+                                   "ray_actor_options": actor}
     if user_config is not None:
         SwapPolicy.from_dict(user_config)  # fail at deploy time, not in every replica
         engine_opts["user_config"] = user_config
-    engine = EngineServer.options(**engine_opts).bind(args)
+    return cfg, args, engine_opts
+
+
+def check_resources(engine_opts: dict[str, Any], cluster: dict[str, float]) -> None:
+    """Refuse, naming what is missing, a deployment the cluster cannot place (Serve would wait for it
+    forever); `cluster` is ray.cluster_resources()."""
+    n = engine_opts["num_replicas"]
+    actor = engine_opts["ray_actor_options"]
+    for resource, key in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
+        need = n * float(actor.get(key, 0.0))
+        have = float(cluster.get(resource, 0.0))
+        if need > have + 1e-9:
+            raise ValueError(f"{n} engine replica(s) x {key} {actor.get(key)} need {need:g} {resource}(s); "
+                             f"the Ray cluster has {have:g}")
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run serving.app:build_app` / deploy/serve.yaml.
+
+    `args` is a ServeConfig mapping, plus optional engine deployment options: `num_replicas`,
+    `num_cpus` and `num_gpus` (per replica; num_gpus defaults to 1 with a cuda device),
+    `max_queued_requests` (beyond it: 503 + Retry-After) and `user_config` (a SwapPolicy mapping).
+    """
+    cfg, replica_args, engine_opts = engine_deployment(args)
+    engine = EngineServer.options(**engine_opts).bind(replica_args)
     # The router only parses and relays: it asks Ray for no CPU so a 2-core laptop fits two engines.
     return OpenAIRouter.options(ray_actor_options={"num_cpus": 0}).bind(engine, cfg.model_id)

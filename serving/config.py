@@ -32,8 +32,11 @@ class ServeConfig:
     """Target: model name, Hugging Face folder or .gguf file (moe.loader.resolve_model)."""
     served_model_name: str | None = None
     """The `model` clients send and /v1/models lists (default: `model`)."""
-    dtype: str = "fp32"
-    """Target weights: fp32 or bf16."""
+    device: str = "cpu"
+    """Where the target, drafter and KV cache live: cpu, cuda or cuda:N. With cuda, build_app asks
+    Ray for a GPU per replica (num_gpus, default 1)."""
+    dtype: str = "auto"
+    """Target weights: fp32, bf16, or auto (bf16 on a GPU, fp32 on the CPU)."""
     threads: int | None = None
     """torch threads of the replica's engine; under Ray Serve, build_app sets it from the replica's
     num_cpus (at least 1). None leaves torch's setting alone (in-process use)."""
@@ -93,8 +96,11 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        from moe.loader import check_device_name
+
+        check_device_name(self.device)
         if self.draft_mode not in ("chain", "topk", "gumbel", "beam"):
             raise ValueError(f"draft_mode must be chain, topk, gumbel or beam, got {self.draft_mode!r}")
         _speculation(self.speculation)

@@ -403,7 +403,7 @@ class Replica:
             import torch
 
             torch.set_num_threads(cfg.threads)
-        self.loaded = loaded = load_model(cfg.model, dtype=cfg.dtype, kernels=cfg.kernels)
+        self.loaded = loaded = load_model(cfg.model, dtype=cfg.dtype, kernels=cfg.kernels, device=cfg.device)
         max_len = min(cfg.max_len or loaded.model.max_len, loaded.model.max_len)
         policy = cfg.policy
         spec = policy.speculation if policy.speculation is not None else cfg.speculation
@@ -497,6 +497,7 @@ class Replica:
                 return EagleDrafter(head, version, max_batch=cfg.max_batch, max_len=max_len,
                                     min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(tcfg))
             model, _ = load_draft(folder, max_len=max_len)
+            model.to(target.embed.weight.device)
             return DraftLMDrafter(model, version, mode=cfg.draft_mode, max_batch=cfg.max_batch, max_len=max_len,
                                   cost_hint=model.cost_ratio(tcfg), kernels=cfg.kernels)
 

@@ -16,8 +16,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name, Hugging Face folder, cached hub id or .gguf file (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    _device_args(p, "cpu", "auto")
     _kernels_arg(p, "auto")
+
+
+def _device_args(p: argparse.ArgumentParser, device: str | None, dtype: str | None) -> None:
+    """--device and --dtype; their values are checked when the model loads (moe.loader.resolve_device)."""
+    p.add_argument("--device", default=device, help="cpu, cuda or cuda:N" + ("" if device else "; default: the config's"))
+    p.add_argument("--dtype", default=dtype, choices=["auto", "fp32", "bf16"],
+                   help="weights: auto = bf16 on a GPU, fp32 on the CPU" + ("" if dtype else "; default: the config's"))
 
 
 def _kernels_arg(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -41,7 +48,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from moe.loader import load_model
 
     start = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, kernels=args.kernels)
+    loaded = load_model(args.model, dtype=args.dtype, kernels=args.kernels, device=args.device)
     print(f"{args.model}: ready in {loaded.folder} ({time.perf_counter() - start:.1f}s, "
           f"{loaded.config.num_layers} layers, vocab {loaded.config.vocab_size}; {loaded.kernels.summary()})")
     return 0
@@ -102,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.ep_size > 1:
         return _generate_expert_parallel(args, params)
-    loaded = load_model(args.model, dtype=args.dtype, kernels=args.kernels)
+    loaded = load_model(args.model, dtype=args.dtype, kernels=args.kernels, device=args.device)
     engine = build_engine(args, loaded)
     engine.add_request(Request("cli", tuple(_encode(loaded.tokenizer, args.prompt, args.raw)), params))
     out: list[int] = []

@@ -17,8 +17,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="override the config's target model")
     p.add_argument("--drafter", default=None, help="override the config's starting drafter")
     p.add_argument("--replicas", type=int, default=None, help="override the number of engine replicas")
-    from spectutor.cli import _kernels_arg
+    from spectutor.cli import _device_args, _kernels_arg
 
+    _device_args(p, None, None)
     _kernels_arg(p, None)
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
@@ -43,11 +44,11 @@ def main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import build_app, check_resources, engine_deployment
 
     http, app_args = load_app_args(args.config)
     for key, value in (("model", args.model), ("drafter", args.drafter), ("num_replicas", args.replicas),
-                       ("kernels", args.kernels)):
+                       ("kernels", args.kernels), ("device", args.device), ("dtype", args.dtype)):
         if value is not None:
             app_args[key] = value
     if args.model is not None and "served_model_name" in app_args:
@@ -60,6 +61,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     try:
+        # Serve would wait forever for replicas the cluster cannot place: say so and stop instead.
+        # (An autoscaling cluster may add nodes; there, RAY_ADDRESS users deploy with `serve deploy`.)
+        check_resources(engine_deployment(app_args)[2], ray.cluster_resources())
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="spectutor", route_prefix="/")
         _print_replicas(int(app_args.get("num_replicas", 1)))
