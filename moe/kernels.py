@@ -108,11 +108,13 @@ def applicable(model: nn.Module) -> bool:
     return p.dtype == torch.float32 and p.device.type == "cpu" and packing_available()
 
 
-def choose(model, kernels: str, cache: Path, timed: nn.Module | None = None) -> KernelChoice:
+def choose(model, kernels: str, cache: Path, timed: nn.Module | None = None, measurable: bool = True) -> KernelChoice:
     """Put `model` (a LeanDecoder, or a module around one passed as `timed`) on the right kernels.
 
     `timed` is the LeanDecoder whose forwards are timed; the kernels are applied to all of `model`.
-    `cache` is the JSON file of earlier verdicts (moe.loader.kernel_cache()).
+    `cache` is the JSON file of earlier verdicts (moe.loader.kernel_cache()). A model whose forward
+    needs other processes (expert parallelism: every forward is a collective) is not `measurable`
+    alone: it takes the cached verdict for its shapes, else the default kernels.
     """
     check_kernels(kernels)
     decoder = timed if timed is not None else model
@@ -125,6 +127,8 @@ def choose(model, kernels: str, cache: Path, timed: nn.Module | None = None) -> 
     known = _read(cache).get(key)
     if known is not None and known.get("kernels") in CANDIDATES:
         choice = KernelChoice.from_dict(known, "cached")
+    elif not measurable:
+        choice = KernelChoice("default", "not measured (its forward needs the other ranks)")
     else:
         choice = measure(model, decoder)
         _write(cache, key, choice)

@@ -272,7 +272,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", max
         model.lm_head.weight = model.embed.weight
     model.rotary = type(model.rotary)(cfg, model.max_len)  # buffers were built on meta
     model.to(device=device, dtype=torch_dtype).eval()
-    choice = choose(model, kernels, kernel_cache())
+    choice = choose(model, kernels, kernel_cache(), measurable=ep_size == 1)
     tok = load_tokenizer(folder) if with_tokenizer else None
     return LoadedModel(name=spec, folder=folder, config=cfg, model=model, tokenizer=tok, kernels=choice)
 

@@ -119,3 +119,17 @@ def test_an_unknown_kernels_value_is_one_line_and_exit_2(argv, capsys) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--kernels" in err and "'bogus'" in err
+
+
+def test_a_model_that_cannot_be_timed_alone_takes_the_cached_verdict_or_the_default(tiny_model, tmp_path,
+                                                                                     monkeypatch) -> None:
+    folder = str(tiny_model("llama"))
+    cache = tmp_path / "kernels.json"
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: pytest.fail("an expert-parallel rank timed alone"))
+    model = load_model(folder, with_tokenizer=False, kernels="default").model
+    choice = choose(model, "auto", cache, measurable=False)
+    assert choice.kernels == "default" and choice.how.startswith("not measured") and _packed(model) == 0
+    kernels._write(cache, kernels.machine_key(model.cfg, torch.float32),
+                   kernels.KernelChoice("onednn", "measured", {"default": {1: 2.0}, "onednn": {1: 1.0}}, {}))
+    again = choose(model, "auto", cache, measurable=False)
+    assert again.kernels == "onednn" and again.how == "cached" and _packed(model) > 0
