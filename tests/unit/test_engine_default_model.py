@@ -26,7 +26,7 @@ EXTENDED = [("prompt-lookup", 6, 1), ("hybrid", 12, 1), ("none", 0, 8), ("prompt
 CORE = [("draft-lm-topk", 6, 8), ("hybrid", "adaptive", 8)]
 CASES = [pytest.param(*c, marks=pytest.mark.extended, id=f"{c[0]}-{c[1]}-batch{c[2]}") for c in EXTENDED]
 CASES += [pytest.param(*c, id=f"{c[0]}-{c[1]}-batch{c[2]}") for c in CORE]
-PROMPTS_PER_SOURCE = 6
+PROMPTS_PER_SOURCE = 4
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from drafters.recycling import TokenRecycling
 from drafters.verify import Draft, Verified, verify, verify_greedy, verify_sampled
 from moe.generate import SamplingParams, probs_from_logits
 
-N = 200_000           # Monte Carlo samples per chi-square case
+N = 100_000           # Monte Carlo samples per chi-square case (every negative control still gets p < 1e-300)
 PASS, REJECT = 1e-3, 1e-6
 
 
