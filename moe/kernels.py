@@ -1,8 +1,8 @@
 """Which CPU kernels the lean decoder's linear layers run, chosen by timing them where they run.
 
 Whether oneDNN-packed fp32 weights (moe/cpu_kernels.py) beat torch's default (MKL) kernels depends
-on the CPU, the torch release and the thread count: packing won 1.4x on an AMD EPYC (Zen 4) and
-lost 0.75x on a Sapphire Rapids Xeon with a newer torch. So `kernels="auto"` times every lossless
+on the CPU, the torch release and the thread count: packing won 1.4x on this project's AMD EPYC
+and lost 0.75x on a Sapphire Rapids Xeon with a newer torch. So `kernels="auto"` times every lossless
 candidate on the shapes the engine runs (a one-token decode step and verification widths up to 32,
 after a real context) and keeps the fastest. A candidate whose fp32 logits move more than
 PARITY_ATOL from the default kernels' is never chosen.
@@ -64,7 +64,7 @@ class KernelChoice:
         s = f"kernels {self.kernels} ({self.how}"
         if self.ms:
             others = [f"{c} {self.speedup(c):.2f}x" for c in self.ms if c != "default"]
-            s += "; vs default over widths " + ",".join(map(str, WIDTHS)) + ": " + ", ".join(others)
+            s += "; vs default over widths " + ",".join(map(str, sorted(self.ms["default"]))) + ": " + ", ".join(others)
         rejected = [c for c, d in self.max_diff.items() if d > PARITY_ATOL]
         if rejected:
             s += "; refused for parity: " + ", ".join(f"{c} ({self.max_diff[c]:.1e})" for c in rejected)
@@ -171,10 +171,9 @@ def measure(model: nn.Module, decoder, widths: tuple[int, ...] = WIDTHS, rounds:
                         ms[cand][w] = min(ms[cand].get(w, math.inf), best * 1e3)
                 finally:
                     undo(model)
-    allowed = [c for c in CANDIDATES if diff[c] <= PARITY_ATOL]
-    probe_choice = KernelChoice("default", "measured", ms, diff)
-    winner = max(allowed, key=lambda c: probe_choice.speedup(c) or 0.0)
-    return KernelChoice(winner, "measured", ms, diff)
+    timed = KernelChoice("default", "measured", ms, diff)
+    winner = max((c for c in CANDIDATES if diff[c] <= PARITY_ATOL), key=lambda c: timed.speedup(c) or 0.0)
+    return dataclasses.replace(timed, kernels=winner)
 
 
 def _forward(decoder, cache, slot: int) -> Callable[[list[int]], torch.Tensor]:

@@ -131,6 +131,19 @@ class OpenAIRouter:
         return build_http_app(self.backend, self.model_id, overload_errors=(BackPressureError,))
 
 
+def replica_infos(handle: DeploymentHandle, replicas: int, tries: int = 100,
+                  timeout_s: float = 30) -> dict[str, dict[str, Any]]:
+    """EngineServer.info() of every engine replica, by replica id (routing is random: ask until each
+    of `replicas` has answered, at most `tries` times)."""
+    out: dict[str, dict[str, Any]] = {}
+    for _ in range(tries):
+        info = handle.info.remote().result(timeout_s=timeout_s)
+        out[info["replica_id"]] = info
+        if len(out) == replicas:
+            break
+    return out
+
+
 def engine_deployment(args: dict[str, Any]) -> tuple[ServeConfig, dict[str, Any], dict[str, Any]]:
     """(the replica's ServeConfig, its config mapping, the engine deployment's options) from build_app's args.
 

@@ -154,14 +154,10 @@ class LocalLoop:
         self._handle = serve.get_deployment_handle("engine", app_name="spectutor")
 
     def replica_infos(self, tries: int = 100) -> dict[str, dict]:
-        """EngineServer.info() of every replica, by replica id (routing is random: ask several times)."""
-        out: dict[str, dict] = {}
-        for _ in range(tries):
-            info = self._handle.info.remote().result(timeout_s=30)
-            out[info["replica_id"]] = info
-            if len(out) == self.cfg.replicas:
-                break
-        return out
+        """EngineServer.info() of every replica, by replica id."""
+        from serving.app import replica_infos
+
+        return replica_infos(self._handle, self.cfg.replicas, tries)
 
     def wait_replicas_on(self, version: str, timeout_s: float) -> bool:
         """Until every replica serves registry version `version` or a later one (True), or the time is

@@ -75,17 +75,12 @@ def main(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
-def _print_replicas(replicas: int, tries: int = 100) -> None:
-    """One line per engine replica: the torch threads and CPU kernels it got (routing is random:
-    ask until each has answered)."""
+def _print_replicas(replicas: int) -> None:
+    """One line per engine replica: the torch threads and CPU kernels it got."""
     from ray import serve
 
+    from serving.app import replica_infos
+
     handle = serve.get_deployment_handle("engine", app_name="spectutor")
-    seen: dict[str, dict] = {}
-    for _ in range(tries):
-        info = handle.info.remote().result(timeout_s=60)
-        seen[info["replica_id"]] = info
-        if len(seen) == replicas:
-            break
-    for rid, info in sorted(seen.items()):
+    for rid, info in sorted(replica_infos(handle, replicas, timeout_s=60).items()):
         print(f"replica {rid}: {info['threads']} torch thread(s) (num_cpus), {info['kernels']}", flush=True)

@@ -82,14 +82,10 @@ def stack(tmp_path_factory, services) -> Iterator[dict]:
 
 
 def _infos(handle, n: int = 40) -> dict[str, dict]:
-    """Replica info by replica id (routing picks replicas at random: ask several times)."""
-    out = {}
-    for _ in range(n):
-        info = handle.info.remote().result(timeout_s=30)
-        out[info["replica_id"]] = info
-        if len(out) == 2:
-            break
-    return out
+    """Replica info of both replicas by replica id."""
+    from serving.app import replica_infos
+
+    return replica_infos(handle, 2, n)
 
 
 def _wait_version(handle, version: str, timeout_s: float = 60) -> bool:
