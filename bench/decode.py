@@ -96,10 +96,10 @@ def bench_tree_cost(model, repeats: int) -> dict:
 
 def bench_kernels(spec: str, dtype: str, device: str, prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy tokens/s with each kernel candidate forced, same prompts, interleaved."""
-    from moe.kernels import CANDIDATES
+    from moe.kernels import available
 
     models = {c: load_model(spec, dtype=dtype, device=device, with_tokenizer=False, kernels=c).model
-              for c in CANDIDATES}
+              for c in available()}
     params = SamplingParams(max_new_tokens=new_tokens)
     seconds = {c: 0.0 for c in models}
     outputs = {c: [] for c in models}

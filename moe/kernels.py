@@ -31,9 +31,11 @@ from moe.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "default", "onednn")
+KERNELS = ("auto", "default", "onednn", "avx2")
 """What `--kernels` accepts: auto (measure), or one candidate forced."""
-CANDIDATES = ("default", "onednn")
+CANDIDATES = ("default", "onednn", "avx2")
+"""torch's own (MKL), oneDNN with prepacked weights (moe/cpu_kernels.py), the hand-written few-row
+product (moe/skinny.py)."""
 WIDTHS = (1, 2, 4, 8, 16, 32)
 """Tokens per forward timed: the decode step and the verification widths the engine uses."""
 PARITY_ATOL = 1e-3
@@ -86,26 +88,39 @@ def check_kernels(value: str) -> str:
     return value
 
 
+def available() -> list[str]:
+    """The candidates this process can run (oneDNN needs torch's mkldnn ops, avx2 a CPU with AVX2 and a compiler)."""
+    from moe import skinny
+    from moe.cpu_kernels import packing_available
+
+    ok = {"default": True, "onednn": packing_available(), "avx2": skinny.available()}
+    return [c for c in CANDIDATES if ok[c]]
+
+
 def apply(model: nn.Module, kernels: str, keep_dense: bool = False) -> None:
     """Put `model`'s linear layers on `kernels` (from the default kernels)."""
     if kernels == "onednn":
         from moe.cpu_kernels import pack_linears
 
         pack_linears(model, keep_dense=keep_dense)
+    elif kernels == "avx2":
+        from moe.skinny import use_skinny
+
+        use_skinny(model)
 
 
 def undo(model: nn.Module) -> None:
     from moe.cpu_kernels import unpack_linears
+    from moe.skinny import drop_skinny
 
     unpack_linears(model)
+    drop_skinny(model)
 
 
 def applicable(model: nn.Module) -> bool:
     """Only fp32 weights on the CPU have a choice; bf16 already runs oneDNN, GPUs run cuBLAS."""
-    from moe.cpu_kernels import packing_available
-
     p = next(model.parameters())
-    return p.dtype == torch.float32 and p.device.type == "cpu" and packing_available()
+    return p.dtype == torch.float32 and p.device.type == "cpu" and len(available()) > 1
 
 
 def choose(model, kernels: str, cache: Path, timed: nn.Module | None = None, measurable: bool = True) -> KernelChoice:
@@ -121,11 +136,16 @@ def choose(model, kernels: str, cache: Path, timed: nn.Module | None = None, mea
     if not applicable(model):
         return KernelChoice("default", "only candidate")
     if kernels != "auto":
+        if kernels not in available():
+            from moe import skinny
+
+            why = skinny.unavailable_reason() if kernels == "avx2" else "torch lacks oneDNN's packed linear"
+            raise ValueError(f"kernels {kernels!r} cannot run here: {why}")
         apply(model, kernels)
         return KernelChoice(kernels, "forced")
     key = machine_key(decoder.cfg, next(model.parameters()).dtype)
     known = _read(cache).get(key)
-    if known is not None and known.get("kernels") in CANDIDATES:
+    if known is not None and known.get("kernels") in available():
         choice = KernelChoice.from_dict(known, "cached")
     elif not measurable:
         choice = KernelChoice("default", "not measured (its forward needs the other ranks)")
@@ -143,7 +163,8 @@ def measure(model: nn.Module, decoder, widths: tuple[int, ...] = WIDTHS, rounds:
 
     `model` comes back on the default kernels; `choose` applies the winner.
     """
-    ms: dict[str, dict[int, float]] = {c: {} for c in CANDIDATES}
+    candidates = available()
+    ms: dict[str, dict[int, float]] = {c: {} for c in candidates}
     diff: dict[str, float] = {}
     widths = tuple(w for w in widths if w < decoder.max_len) or (1,)
     n_context = max(1, min(CONTEXT, decoder.max_len - max(widths)))
@@ -159,7 +180,7 @@ def measure(model: nn.Module, decoder, widths: tuple[int, ...] = WIDTHS, rounds:
         cache.commit([slot], [list(range(n_context))])
         reference = step(probe)
         for r in range(rounds):
-            for cand in CANDIDATES:
+            for cand in candidates:
                 apply(model, cand, keep_dense=True)
                 try:
                     if cand not in diff:
@@ -172,7 +193,7 @@ def measure(model: nn.Module, decoder, widths: tuple[int, ...] = WIDTHS, rounds:
                 finally:
                     undo(model)
     timed = KernelChoice("default", "measured", ms, diff)
-    winner = max((c for c in CANDIDATES if diff[c] <= PARITY_ATOL), key=lambda c: timed.speedup(c) or 0.0)
+    winner = max((c for c in candidates if diff[c] <= PARITY_ATOL), key=lambda c: timed.speedup(c) or 0.0)
     return dataclasses.replace(timed, kernels=winner)
 
 
@@ -188,8 +209,8 @@ def _timed(step: Callable[[list[int]], torch.Tensor], tokens: list[int]) -> floa
     return time.perf_counter() - t0
 
 
-def cpu_signature() -> str:
-    """CPU model and the instruction-set flags kernels care about."""
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and instruction-set flags, from /proc/cpuinfo ("unknown" and none elsewhere)."""
     model, flags = "unknown", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -200,6 +221,12 @@ def cpu_signature() -> str:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_signature() -> str:
+    """CPU model and the instruction-set flags kernels care about."""
+    model, flags = cpu_info()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
     return model + " [" + " ".join(f for f in wanted if f in flags) + "]"
 
@@ -207,7 +234,7 @@ def cpu_signature() -> str:
 def machine_key(cfg: ModelConfig, dtype: torch.dtype) -> str:
     shapes = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()
     return (f"{cpu_signature()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-            f"{str(dtype).removeprefix('torch.')} | {cfg.model_type} {shapes[:16]}")
+            f"{str(dtype).removeprefix('torch.')} | {cfg.model_type} {shapes[:16]} | {','.join(available())}")
 
 
 def _read(path: Path) -> dict:

@@ -20,9 +20,17 @@ def lean_logits(model, ids: list[list[int]]) -> torch.Tensor:
     return model(TreeBatch.chains(ids), slots, cache)
 
 
-@pytest.mark.parametrize("kernels", ["default", "onednn"])
+def _skip_unless_runs(kernels: str) -> None:
+    from moe.kernels import available
+
+    if kernels not in available():
+        pytest.skip(f"kernels {kernels} cannot run on this machine")
+
+
+@pytest.mark.parametrize("kernels", ["default", "onednn", "avx2"])
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_prefill_matches_transformers(name, kernels, tiny_model, hf_reference):
+    _skip_unless_runs(kernels)
     folder = tiny_model(name)
     lean = load_model(str(folder), with_tokenizer=False, kernels=kernels).model
     hf = hf_reference(folder)
@@ -64,7 +72,7 @@ def test_moe_fast_path_equals_reference_loop(name, tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernels,tol", [("default", TOL), ("onednn", FAST_TOL)])
+@pytest.mark.parametrize("kernels,tol", [("default", TOL), ("onednn", FAST_TOL), ("avx2", FAST_TOL)])
 def test_smollm2_matches_transformers_on_three_prompts(kernels, tol):
     """The default model, converted from its GGUF, on 3 real prompts x 64 positions.
 
@@ -74,6 +82,7 @@ def test_smollm2_matches_transformers_on_three_prompts(kernels, tol):
     """
     from transformers import AutoModelForCausalLM
 
+    _skip_unless_runs(kernels)
     loaded = load_model(DEFAULT_MODEL, kernels=kernels)
     hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=torch.float32).eval()
     texts = [
