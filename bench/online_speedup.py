@@ -86,7 +86,10 @@ def baselines(lm, hf, counter, prompts: list[list[int]], new_tokens: int) -> dic
 
 
 def eagle_row(lm, head, version: str, prompts, new_tokens: int, reference: list, speculation) -> dict:
-    drafter = EagleDrafter(head, version, max_batch=1, max_len=2048, cost_hint=head.cost_ratio(lm.config))
+    from moe.kernels import running
+
+    drafter = EagleDrafter(head, version, max_batch=1, max_len=2048, cost_hint=head.cost_ratio(lm.config),
+                           kernels=running(lm.model))
     row = decode_all(lm, drafter, prompts, new_tokens, speculation)
     row["identical"] = sum(a == b for a, b in zip(row.pop("outputs"), reference))
     return row

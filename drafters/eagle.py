@@ -282,8 +282,11 @@ class EagleDrafter:
 
     def __init__(self, head: EagleHead, version: str = "base", max_batch: int = 16, max_len: int = 2048,
                  budgets: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8), min_confidence: float = 0.1,
-                 cost_hint: float = 0.07):
+                 cost_hint: float = 0.07, kernels: str = "default"):
+        from moe.kernels import apply
+
         self.head = head.eval()
+        apply(head, kernels)  # a serving copy: the trainer keeps its own head on the default kernels
         self._version = version
         self.feature_layers = head.cfg.feature_layers
         self.min_confidence = min_confidence

@@ -127,7 +127,9 @@ def _eagle(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int
             return build_drafter(dataclasses.replace(cfg, name=cfg.fallback), target_spec, vocab_size, max_batch,
                                  max_len, target_cfg, target)
         log.info("eagle: no checkpoint given, using the warm-start head in %s", folder)
+    from moe.kernels import running
+
     head, version = load_eagle(folder, target.cfg, target.embed, max_len)
     head.to(target.embed.weight.device)
-    return EagleDrafter(head, version, max_batch=max_batch, max_len=max_len,
+    return EagleDrafter(head, version, max_batch=max_batch, max_len=max_len, kernels=running(target),
                         min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(target.cfg))

@@ -117,6 +117,19 @@ def undo(model: nn.Module) -> None:
     drop_skinny(model)
 
 
+def running(model: nn.Module) -> str:
+    """Which candidate `model`'s linear layers run now (a drafter next to the target follows the target's verdict)."""
+    from moe.cpu_kernels import PackedLinear
+    from moe.skinny import SkinnyLinear
+
+    for m in model.modules():
+        if isinstance(m, SkinnyLinear):
+            return "avx2"
+        if isinstance(m, PackedLinear):
+            return "onednn"
+    return "default"
+
+
 def applicable(model: nn.Module) -> bool:
     """Only fp32 weights on the CPU have a choice; bf16 already runs oneDNN, GPUs run cuBLAS."""
     p = next(model.parameters())

@@ -487,6 +487,7 @@ class Replica:
         and the swapper keeps the current drafter), else a DraftLMDrafter."""
         from drafters.draft_lm import DraftLMDrafter, load_draft
         from drafters.eagle import EagleDrafter, is_eagle_checkpoint, load_eagle
+        from moe.kernels import running
 
         cfg, tcfg, target = self.cfg, self.loaded.config, self.loaded.model
 
@@ -494,7 +495,7 @@ class Replica:
             if is_eagle_checkpoint(folder):
                 head, _ = load_eagle(folder, tcfg, target.embed, max_len)
                 head.to(target.embed.weight.device)
-                return EagleDrafter(head, version, max_batch=cfg.max_batch, max_len=max_len,
+                return EagleDrafter(head, version, max_batch=cfg.max_batch, max_len=max_len, kernels=running(target),
                                     min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(tcfg))
             model, _ = load_draft(folder, max_len=max_len)
             model.to(target.embed.weight.device)

@@ -84,3 +84,29 @@ def test_decode_steps_on_avx2_match_the_default_kernels(tiny_model) -> None:
     assert outs[0].abs().max() > 1.0
     torch.testing.assert_close(outs[1], outs[0], atol=PARITY_ATOL, rtol=0)
     assert torch.equal(outs[1].argmax(-1), outs[0].argmax(-1))
+
+
+def test_an_eagle_head_beside_an_avx2_target_runs_avx2_and_stays_lossless(tiny_model) -> None:
+    from drafters.base import NoDrafter
+    from drafters.eagle import EagleDrafter, head_from_target
+    from moe.generate import SamplingParams
+    from moe.kernels import running
+    from serving.engine import Engine, EngineConfig, Request
+
+    target = load_model(str(tiny_model("llama")), with_tokenizer=False, kernels="avx2").model
+    assert running(target) == "avx2"
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(256, (int(n),), generator=g).tolist() for n in (7, 19, 3, 26)]
+
+    def run(drafter):
+        e = Engine(target, drafter, EngineConfig(max_batch=4, max_len=256, speculation=4))
+        for i, p in enumerate(prompts):
+            e.add_request(Request(str(i), tuple(p), SamplingParams(max_new_tokens=16)))
+        return {f.request_id: f.output_ids for f in e.run_to_completion()}, e.stats
+
+    ref, _ = run(NoDrafter())
+    drafter = EagleDrafter(head_from_target(target, torch.arange(200), seed=1), max_batch=4, max_len=256,
+                           min_confidence=0.0, kernels=running(target))
+    assert running(drafter.head) == "avx2"
+    out, stats = run(drafter)
+    assert out == ref and stats.draft_tokens > 0
