@@ -441,9 +441,10 @@ class Replica:
         self.domain_swappers: dict[str, Any] = {}
         if mlflow_uri:
             from serving.swap import DrafterLoader, DrafterSwapper
-            from trainer.lineage import Lineage
+            from trainer.lineage import Lineage, bound_http_retries
 
             root = Path(cfg.download_dir) if cfg.download_dir else spectutor_home() / "drafters" / self.replica_id
+            bound_http_retries()  # a poll made during an MLflow outage must not sleep through its end
             loader = DrafterLoader(Lineage(mlflow_uri), root, self._draft_builder(max_len), loaded.config.vocab_size)
             self.swapper = DrafterSwapper(self.service, loader, cfg.lineage, policy, domain=cfg.swap_domain,
                                           bus=self.bus, initial_version=drafter.version)

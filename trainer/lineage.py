@@ -36,6 +36,22 @@ class ArtifactError(RuntimeError):
     """A drafter artifact is missing, incomplete, or does not match its recorded sha256."""
 
 
+# The MLflow client retries a failing HTTP request itself: 7 times with backoff factor 2 and a 120 s
+# timeout by default, minutes in which a caller stands still while the server is down (the trainer
+# loop; a replica's swapper, which then missed promotions for minutes after MLflow came back). Both
+# retry on their own schedule, so one request should fail within seconds: one immediate retry
+# (urllib3 sleeps before the second retry only), 10 s socket timeout. BACKOFF_FACTOR is parsed as
+# an int by MLflow, hence "1" and not a fraction.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def bound_http_retries() -> None:
+    """Make this process's MLflow requests fail within seconds (MLFLOW_HTTP_DEFAULTS); an operator's own setting wins."""
+    for var, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(var, value)
+
+
 class LineageError(RuntimeError):
     """A registry operation cannot be done (unknown name or version, nothing to roll back to)."""
 

@@ -57,13 +57,6 @@ from trainer.tracking import NullTracker, Tracker
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-# The MLflow client retries a failing HTTP request itself: 7 times with backoff factor 2 and a 120 s
-# timeout by default, minutes in which the trainer loop would stand still while the server is down.
-# The trainer retries registrations and metrics on its own schedule, so one request should fail
-# within seconds: one immediate retry (urllib3 sleeps before the second retry only), 10 s socket
-# timeout. BACKOFF_FACTOR is parsed as an int by MLflow, hence "1" and not a fraction.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 @dataclass
@@ -135,8 +128,9 @@ class Trainer:
     def setup(self) -> None:
         """Threads, registry, Redis, lineages (from the last checkpoint if any), consumer, load watcher."""
         cfg = self.cfg
-        for var, value in MLFLOW_HTTP_DEFAULTS.items():
-            os.environ.setdefault(var, value)  # an operator's own setting wins
+        from trainer.lineage import bound_http_retries
+
+        bound_http_retries()
         torch.set_num_threads(cfg.idle.threads)
         torch.manual_seed(cfg.seed)
         from trainer.lineage import registered_name

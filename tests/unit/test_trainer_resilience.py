@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -362,3 +363,16 @@ def test_a_failed_consumer_commit_is_counted_and_retried_at_the_next_checkpoint(
         t.cleanup()
     assert stats.commit_failures == 1 and len(calls) >= 2 and stats.events_consumed == 40
     assert t.status()["commit_failures"] == 1
+
+
+def test_mlflow_requests_are_bounded_unless_the_operator_chose_otherwise(monkeypatch) -> None:
+    """Trainer and replica swapper both call this: a request made during an outage fails in seconds."""
+    from trainer.lineage import MLFLOW_HTTP_DEFAULTS, bound_http_retries
+
+    for var in MLFLOW_HTTP_DEFAULTS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "42")
+    bound_http_retries()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "42"
