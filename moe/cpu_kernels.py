@@ -51,26 +51,38 @@ def pack_linears(model: nn.Module, min_out_features: int = 8, keep_dense: bool =
         return 0
     # Parameters also held by a module that is not a Linear (a tied embedding) stay dense.
     shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (type(child) is nn.Linear and child.weight.dtype == torch.float32
-                    and child.weight.device.type == "cpu" and child.out_features >= min_out_features):
-                setattr(parent, name, PackedLinear(child, keep_dense=keep_dense or id(child.weight) in shared))
-                swapped += 1
-    return swapped
+
+    def pack(child: nn.Module) -> nn.Module | None:
+        if (type(child) is nn.Linear and child.weight.dtype == torch.float32
+                and child.weight.device.type == "cpu" and child.out_features >= min_out_features):
+            return PackedLinear(child, keep_dense=keep_dense or id(child.weight) in shared)
+        return None
+
+    return replace_modules(model, pack)
 
 
 def unpack_linears(model: nn.Module) -> int:
     """Swap every PackedLinear of `model` back for an nn.Linear (torch's default kernels); returns how many."""
+
+    def unpack(child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, PackedLinear):
+            return None
+        linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        dense = child._dense if child._dense is not None else child._packed.to_dense()
+        linear.weight = dense if isinstance(dense, nn.Parameter) else nn.Parameter(dense, requires_grad=False)
+        linear.bias = child.bias
+        return linear
+
+    return replace_modules(model, unpack)
+
+
+def replace_modules(model: nn.Module, swap) -> int:
+    """Put `swap(child)` in place of every submodule for which it returns a module; returns how many."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, PackedLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                dense = child._dense if child._dense is not None else child._packed.to_dense()
-                linear.weight = dense if isinstance(dense, nn.Parameter) else nn.Parameter(dense, requires_grad=False)
-                linear.bias = child.bias
-                setattr(parent, name, linear)
+            new = swap(child)
+            if new is not None:
+                setattr(parent, name, new)
                 swapped += 1
     return swapped

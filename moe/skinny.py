@@ -14,6 +14,7 @@ MAX_ROWS rows (prefill chunks, wide batches) and anything autograd records go to
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -24,20 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe.cpu_kernels import replace_modules
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 32
 """Rows up to which the hand-written kernel runs; wider products are BLAS's ground."""
 SOURCE = Path(__file__).with_name("csrc") / "skinny_linear.cpp"
 
-_state: dict[str, object] = {}
 
-
-def extension():
-    """The compiled kernel module, or None (the reason is in `unavailable_reason()`); built once per process."""
-    if "ext" in _state:
-        return _state["ext"]
-    ext, why = None, ""
+@functools.cache
+def _loaded() -> tuple[object | None, str]:
+    """(the compiled kernel module or None, why not); built once per process."""
     from moe.kernels import cpu_info
 
     missing = {"avx2", "fma"} - cpu_info()[1]
@@ -45,13 +44,16 @@ def extension():
         why = "this CPU lacks " + ", ".join(sorted(missing))
     else:
         try:
-            ext = _build()
+            return _build(), ""
         except Exception as exc:  # no compiler, no headers: the other candidates still run
             why = f"building {SOURCE.name} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
-    if ext is None:
-        log.warning("the avx2 kernels are unavailable: %s", why)
-    _state["ext"], _state["why"] = ext, why
-    return ext
+    log.warning("the avx2 kernels are unavailable: %s", why)
+    return None, why
+
+
+def extension():
+    """The compiled kernel module, or None (the reason is in `unavailable_reason()`)."""
+    return _loaded()[0]
 
 
 def _build():
@@ -68,8 +70,7 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
-    extension()
-    return str(_state.get("why", ""))
+    return _loaded()[1]
 
 
 class SkinnyLinear(nn.Module):
@@ -94,24 +95,24 @@ def use_skinny(model: nn.Module, min_out_features: int = 8) -> int:
     """Swap every contiguous fp32 CPU nn.Linear of `model` for a SkinnyLinear; returns how many (0 if unavailable)."""
     if not available():
         return 0
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
-                    and child.weight.is_contiguous() and child.out_features >= min_out_features):
-                setattr(parent, name, SkinnyLinear(child))
-                swapped += 1
-    return swapped
+
+    def use(child: nn.Module) -> nn.Module | None:
+        if (type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
+                and child.weight.is_contiguous() and child.out_features >= min_out_features):
+            return SkinnyLinear(child)
+        return None
+
+    return replace_modules(model, use)
 
 
 def drop_skinny(model: nn.Module) -> int:
     """Swap every SkinnyLinear of `model` back for an nn.Linear holding the same tensors; returns how many."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, SkinnyLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                linear.weight, linear.bias = child.weight, child.bias
-                setattr(parent, name, linear)
-                swapped += 1
-    return swapped
+
+    def drop(child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, SkinnyLinear):
+            return None
+        linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        linear.weight, linear.bias = child.weight, child.bias
+        return linear
+
+    return replace_modules(model, drop)
