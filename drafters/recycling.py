@@ -55,19 +55,31 @@ class TreeLayout:
     parents: Tensor  # [n] int64
     ranks: Tensor    # [n] int64
     levels: tuple[tuple[int, int], ...]  # (start, end) node ranges, one per depth
+    order: Tensor    # [n] int64: the nodes from the most promising down (the draft's node order)
+    order_parents: Tensor  # [n] int64: each of those nodes' parent, as a position in `order` (-1: the root)
 
 
-@lru_cache(maxsize=64)
-def layout_for(template: tuple[tuple[int, ...], ...], budget: int) -> TreeLayout:
-    """The `budget` most promising nodes of `template` (prefix-closed), breadth-first."""
+def _by_promise(template: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+    """The template from the most promising node down; a parent always comes before its children."""
     def score(node: tuple[int, ...]) -> float:
         s = 1.0
         for r in node:
             s *= _RANK_PRIOR[r] if r < len(_RANK_PRIOR) else _RANK_PRIOR[-1]
         return s
 
-    # A child always scores below its parent, so the best `budget` nodes include their ancestors.
-    chosen = sorted(sorted(template, key=lambda t: -score(t))[:budget], key=lambda t: (len(t), t))
+    return sorted(template, key=lambda t: (-score(t), len(t)))
+
+
+@lru_cache(maxsize=64)
+def layout_for(template: tuple[tuple[int, ...], ...], budget: int) -> TreeLayout:
+    """The `budget` most promising nodes of `template` (prefix-closed), breadth-first.
+
+    The draft lists them most promising first, so a smaller budget's draft is this one's first
+    nodes (the controller scores every budget from one draft).
+    """
+    # A child never scores above its parent and comes after it on ties, so the best `budget` include their ancestors.
+    best = _by_promise(template)[:budget]
+    chosen = sorted(best, key=lambda t: (len(t), t))
     index = {node: i for i, node in enumerate(chosen)}
     parents = [index[node[:-1]] if len(node) > 1 else -1 for node in chosen]
     ranks = [node[-1] for node in chosen]
@@ -76,7 +88,10 @@ def layout_for(template: tuple[tuple[int, ...], ...], budget: int) -> TreeLayout
         if i == len(chosen) or len(chosen[i]) != len(chosen[start]):
             levels.append((start, i))
             start = i
-    return TreeLayout(torch.tensor(parents, dtype=torch.long), torch.tensor(ranks, dtype=torch.long), tuple(levels))
+    position = {node: i for i, node in enumerate(best)}
+    return TreeLayout(torch.tensor(parents, dtype=torch.long), torch.tensor(ranks, dtype=torch.long), tuple(levels),
+                      torch.tensor([index[node] for node in best], dtype=torch.long),
+                      torch.tensor([position[node[:-1]] if len(node) > 1 else -1 for node in best], dtype=torch.long))
 
 
 class TokenRecycling:
@@ -107,19 +122,36 @@ class TokenRecycling:
         return self._budgets
 
     def draft_tree(self, root: int, budget: int) -> Draft:
-        """The template (cut to `budget` nodes) filled breadth-first from the matrix, starting at `root`."""
+        """The template (cut to `budget` nodes) filled breadth-first from the matrix, starting at `root`.
+
+        Nodes come most promising first: the first b nodes are the draft at budget b.
+        """
         if budget <= 0:
             return Draft.empty()
+        return self._trees([root], budget)[0]
+
+    def _trees(self, roots: list[int], budget: int) -> list[Draft]:
+        """draft_tree for several roots at one budget: one gather per level for all of them."""
         layout = layout_for(self.template, budget)
-        tokens = torch.empty(layout.parents.shape[0], dtype=torch.long)
-        for start, end in layout.levels:  # one gather per level
+        base = torch.tensor(roots, dtype=torch.long)[:, None]                 # [R, 1]
+        tokens = torch.empty(len(roots), layout.parents.shape[0], dtype=torch.long)
+        for start, end in layout.levels:
             par = layout.parents[start:end]
-            above = torch.where(par < 0, torch.full_like(par, root), tokens[par.clamp(min=0)])
-            tokens[start:end] = self.matrix[above, layout.ranks[start:end]].long()
-        return Draft(tokens, layout.parents)
+            above = torch.where(par < 0, base, tokens[:, par.clamp(min=0)])    # [R, level]
+            tokens[:, start:end] = self.matrix[above, layout.ranks[start:end]].long()
+        ordered = tokens[:, layout.order]
+        return [Draft(row, layout.order_parents) for row in ordered]
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        return [self.draft_tree(r.history[-1], r.budget) for r in requests]
+        out = [Draft.empty() for _ in requests]
+        by_budget: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            if r.budget > 0:
+                by_budget.setdefault(min(r.budget, len(self.template)), []).append(i)
+        for budget, idx in by_budget.items():
+            for i, d in zip(idx, self._trees([requests[i].history[-1] for i in idx], budget)):
+                out[i] = d
+        return out
 
     def observe(self, feedback: list[Feedback]) -> None:
         """Overwrite the row of every tree token (accepted or not) with the target's top-k after it."""

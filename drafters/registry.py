@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from drafters.base import Drafter, NoDrafter
 
 log = logging.getLogger(__name__)
-DRAFTERS = ("none", "prompt-lookup", "token-recycling", "hybrid", "draft-lm", "suffix", "eagle")
+DRAFTERS = ("none", "prompt-lookup", "token-recycling", "hybrid", "draft-lm", "suffix", "eagle", "auto")
+AUTO_PARTS = ("suffix", "prompt-lookup", "token-recycling")
+"""What the controller ("auto") chooses among, with eagle too where an eagle head exists."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,9 @@ class DrafterConfig:
         from moe.kernels import check_kernels
 
         check_kernels(self.kernels)
-        if self.fallback is not None and (self.fallback not in DRAFTERS or self.fallback == "eagle"):
-            raise ValueError(f"fallback must be a drafter other than eagle ({', '.join(DRAFTERS[:-1])}), "
+        others = [d for d in DRAFTERS if d != "eagle"]
+        if self.fallback is not None and self.fallback not in others:
+            raise ValueError(f"fallback must be a drafter other than eagle ({', '.join(others)}), "
                              f"got {self.fallback!r}")
 
 
@@ -74,6 +77,8 @@ def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_bat
         return NoDrafter()
     if cfg.name == "eagle":
         return _eagle(cfg, target_spec, vocab_size, max_batch, max_len, target_cfg, target)
+    if cfg.name == "auto":
+        return _controller(cfg, target_spec, vocab_size, max_batch, max_len, target_cfg, target)
     if cfg.name == "prompt-lookup":
         from drafters.lookup import PromptLookup
 
@@ -133,3 +138,19 @@ def _eagle(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int
     head.to(target.embed.weight.device)
     return EagleDrafter(head, version, max_batch=max_batch, max_len=max_len, kernels=running(target),
                         min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(target.cfg))
+
+
+def _controller(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int, target_cfg,
+                target) -> Drafter:
+    """The controller over AUTO_PARTS, and over eagle as well when an eagle head is there to load."""
+    from drafters.controller import Controller
+    from drafters.eagle import is_eagle_checkpoint, warm_start_dir
+
+    names = list(AUTO_PARTS)
+    folder = cfg.draft_checkpoint or str(warm_start_dir(target_spec))
+    if target is not None and is_eagle_checkpoint(folder):
+        names.insert(0, "eagle")
+    parts = [build_drafter(dataclasses.replace(cfg, name=n, draft_checkpoint=folder if n == "eagle" else None),
+                           target_spec, vocab_size, max_batch, max_len, target_cfg, target) for n in names]
+    log.info("auto: choosing per sequence and step among %s", ", ".join(p.name for p in parts))
+    return Controller(parts)

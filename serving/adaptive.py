@@ -1,16 +1,21 @@
 """Choosing how much to speculate: measured acceptance against the measured cost of verification.
 
-B sequences in the batch, s draft nodes per sequence, a(s) expected accepted draft tokens.
-Each step the policy picks the draft size s (0 = plain decoding) that maximises
-    sum_b (1 + a_b(s)) / (t_target(B * (1 + s)) + t_draft(B, s)),
-the expected tokens per second of the step. a_b(s) is learned per sequence and per drafter, the
-times are learned from the engine's own clock. Choosing s = 0 is always possible, so a drafter
-that does not pay for itself is switched off, sequence by sequence as well as for the batch.
+B sequences in the batch, s the draft budget per sequence, a(s) expected accepted draft tokens,
+w(s) the draft nodes actually verified per sequence (a drafter may propose fewer than s, or none).
+Each step the policy picks the budget s (0 = plain decoding) that maximises
+    sum_b (1 + a_b(s)) / (t_target(B * (1 + w(s))) + t_draft(B, s)),
+the expected tokens per second of the step. a_b(s) and w(s) are learned per budget, from every step
+given that budget (an empty draft counts as 0 accepted: a budget is judged by what it brought, not
+only by the drafts that happened), the times from the engine's own clock. Choosing s = 0 is always
+possible, so a drafter that does not pay for itself is switched off, sequence by sequence as well as
+for the batch. A drafter that estimates its own acceptance (the controller, which scores shadow
+drafts against the history) is asked instead, and then the policy needs no exploration steps.
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -57,29 +62,44 @@ class _Acceptance:
         self.count += 1
 
 
+class Estimator(Protocol):
+    """A drafter that knows its own expected acceptance and draft size per sequence and budget."""
+
+    def estimate(self, seq_id: int, budget: int) -> float:
+        ...
+
+    def expected_size(self, seq_id: int, budget: int) -> float:
+        ...
+
+
 class AdaptivePolicy:
     """Picks each step's draft size for every sequence from learned acceptance and measured costs."""
 
     def __init__(self, menu: tuple[int, ...], draft_cost_hint: float = 0.0, ema: float = 0.2,
-                 explore_every: int = 16, prior_weight: float = 2.0):
+                 explore_every: int = 16, prior_weight: float = 2.0, estimator: Estimator | None = None):
         self.menu = tuple(sorted(set(s for s in menu if s > 0)))
         self.draft_cost_hint = draft_cost_hint
         """Guess of one draft node's cost relative to a one-token target forward, until measured."""
         self.ema, self.explore_every, self.prior_weight = ema, explore_every, prior_weight
+        self.estimator = estimator
         self.target_cost = CostModel()
         self.draft_cost: dict[tuple[int, int], float] = {}  # (s, B) -> seconds of one propose()
         self._global: dict[int, _Acceptance] = {s: _Acceptance() for s in self.menu}
         self._per_seq: dict[int, dict[int, _Acceptance]] = {}
+        self._width: dict[int, _Acceptance] = {s: _Acceptance() for s in self.menu}  # s -> draft nodes verified
         self.steps = 0
 
-    def reset_drafter(self, menu: tuple[int, ...], draft_cost_hint: float) -> None:
+    def reset_drafter(self, menu: tuple[int, ...], draft_cost_hint: float, estimator: Estimator | None = None) -> None:
         """A different drafter took over: what was learned about the old one no longer applies."""
-        self.__init__(menu, draft_cost_hint, self.ema, self.explore_every, self.prior_weight)  # type: ignore[misc]
+        self.__init__(menu, draft_cost_hint, self.ema, self.explore_every, self.prior_weight,  # type: ignore[misc]
+                      estimator)
 
     def expected_accepted(self, seq_id: int, s: int) -> float:
-        """a_b(s): the sequence's own record, shrunk toward the drafter-wide one."""
+        """a_b(s): the drafter's own estimate if it has one, else the sequence's record shrunk toward the drafter-wide one."""
         if s == 0:
             return 0.0
+        if self.estimator is not None:
+            return self.estimator.estimate(seq_id, s)
         g = self._global[s]
         # Never tried: optimistic, so that every size gets measured once.
         prior = g.mean if g.count else min(float(s), 1.0 + 0.25 * s)
@@ -88,6 +108,15 @@ class AdaptivePolicy:
             return prior
         n = min(own.count, 8)
         return (n * own.mean + self.prior_weight * prior) / (n + self.prior_weight)
+
+    def expected_width(self, seq_ids: list[int], s: int) -> float:
+        """w(s): draft nodes per sequence the verification will carry (padded to the batch's widest)."""
+        if s == 0:
+            return 0.0
+        if self.estimator is not None:
+            return max(self.estimator.expected_size(i, s) for i in seq_ids)
+        w = self._width[s]
+        return w.mean if w.count else float(s)
 
     def _draft_seconds(self, s: int, batch: int) -> float:
         measured = self.draft_cost.get((s, batch))
@@ -104,11 +133,12 @@ class AdaptivePolicy:
         best_s, best_rate = 0, -1.0
         for s in (0,) + self.menu:
             tokens = sum(1.0 + self.expected_accepted(i, s) for i in seq_ids)
-            seconds = self.target_cost.predict(b * (1 + s)) + (self._draft_seconds(s, b) if s else 0.0)
+            width = self.expected_width(seq_ids, s)
+            seconds = self.target_cost.predict(round(b * (1 + width))) + (self._draft_seconds(s, b) if s else 0.0)
             rate = tokens / max(seconds, 1e-9)
             if rate > best_rate:
                 best_s, best_rate = s, rate
-        if self.explore_every and self.steps % self.explore_every == 0:
+        if self.estimator is None and self.explore_every and self.steps % self.explore_every == 0:
             # Keep every affordable size's estimate fresh, in turn: acceptance drifts with the text
             # (and a Token Recycling matrix warms up), so a size judged once while cold must be retried.
             # Only sizes whose step costs at most twice the chosen one's are probed.
@@ -123,14 +153,20 @@ class AdaptivePolicy:
         return [best_s if self.expected_accepted(i, best_s) >= floor else 0 for i in seq_ids]
 
     def record(self, seq_id: int, s: int, accepted: int) -> None:
+        """One sequence's step at budget `s` (whatever the drafter made of it) accepted `accepted` tokens."""
         if s == 0 or s not in self._global:
             return
         self._global[s].add(accepted, self.ema)
         self._per_seq.setdefault(seq_id, {}).setdefault(s, _Acceptance()).add(accepted, self.ema)
 
-    def record_draft_time(self, s: int, batch: int, seconds: float) -> None:
+    def record_step(self, s: int, batch: int, draft_seconds: float, width: int) -> None:
+        """A step whose largest budget was `s`: its propose() time and the draft nodes its tree was padded to."""
+        if s == 0:
+            return
         old = self.draft_cost.get((s, batch))
-        self.draft_cost[(s, batch)] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        self.draft_cost[(s, batch)] = draft_seconds if old is None else (1 - self.ema) * old + self.ema * draft_seconds
+        if s in self._width:
+            self._width[s].add(width, self.ema)
 
     def forget(self, seq_id: int) -> None:
         self._per_seq.pop(seq_id, None)

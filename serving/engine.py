@@ -178,6 +178,11 @@ def _prefill_groups(chunks: list[tuple[_Sequence, int]]) -> list[list[tuple[_Seq
     return groups
 
 
+def _estimator(drafter: Drafter):
+    """The drafter itself when it estimates its own acceptance (the controller), else None."""
+    return drafter if hasattr(drafter, "estimate") and hasattr(drafter, "expected_size") else None
+
+
 class Engine:
     """Continuous batching with speculative decoding over one target and one (swappable) drafter."""
 
@@ -192,7 +197,7 @@ class Engine:
         self.detokenize = detokenize
         self.drafter = drafter
         self.policy = AdaptivePolicy(drafter.budgets(), getattr(drafter, "cost_hint", 0.0),
-                                     explore_every=cfg.explore_every)
+                                     explore_every=cfg.explore_every, estimator=_estimator(drafter))
         self.stats = EngineStats()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Sequence] = {}
@@ -249,7 +254,7 @@ class Engine:
             self.drafter.release(seq.seq_id)
         self.drafter = drafter
         costs = self.policy.target_cost
-        self.policy.reset_drafter(drafter.budgets(), getattr(drafter, "cost_hint", 0.0))
+        self.policy.reset_drafter(drafter.budgets(), getattr(drafter, "cost_hint", 0.0), _estimator(drafter))
         self.policy.target_cost = costs  # the target did not change
 
     # ---- the step --------------------------------------------------------------------------------
@@ -286,8 +291,8 @@ class Engine:
         self.cache.commit(slots, [v.path for v in verified])
         self._feedback(seqs, drafts, verified, tree, logits, feats)
         now = time.monotonic()
-        for b, (s, d, v) in enumerate(zip(seqs, drafts, verified)):
-            outputs.append(self._emit(s, d, v, logits[b], now))
+        for b, (s, d, v, n) in enumerate(zip(seqs, drafts, verified, budgets)):
+            outputs.append(self._emit(s, d, v, n, logits[b], now))
         return outputs
 
     def run_to_completion(self) -> list[FinishedRequest]:
@@ -391,8 +396,7 @@ class Engine:
         self.stats.draft_seconds += t_draft
         self.stats.target_seconds += t_target
         self.policy.target_cost.observe(tree.batch_size * tree.width, t_target)
-        if max(budgets) > 0:
-            self.policy.record_draft_time(max(budgets), len(seqs), t_draft)
+        self.policy.record_step(max(budgets), len(seqs), t_draft, tree.width - 1)
 
     def _feedback(self, seqs: list[_Sequence], drafts: list[Draft], verified: list[Verified],
                   tree: TreeBatch, logits: Tensor, feats: Tensor | None) -> None:
@@ -407,7 +411,8 @@ class Engine:
             fb.append(Feedback(s.seq_id, tree.tokens[b, :n], top, v, None if feats is None else feats[b, :n]))
         self.drafter.observe(fb)
 
-    def _emit(self, seq: _Sequence, draft: Draft, v: Verified, logits: Tensor, now: float) -> RequestOutput:
+    def _emit(self, seq: _Sequence, draft: Draft, v: Verified, budget: int, logits: Tensor,
+              now: float) -> RequestOutput:
         tokens = v.tokens[: seq.limit - seq.emitted]
         reason = None
         for i, tok in enumerate(tokens):
@@ -430,7 +435,7 @@ class Engine:
         served_by = getattr(self.drafter, "served_by", None)
         name, version = served_by(seq.seq_id) if served_by else (self.drafter.name, self.drafter.version)
         seq.steps.append(StepRecord(draft.size, accepted, name, version))
-        self.policy.record(seq.seq_id, draft.size if draft.size else 0, v.accepted)
+        self.policy.record(seq.seq_id, budget, v.accepted)
         st = self.stats
         st.draft_tokens += draft.size
         st.accepted_tokens += accepted
@@ -459,6 +464,9 @@ class Engine:
     def _retire(self, seq: _Sequence) -> FinishedRequest:
         del self.running[seq.seq_id]
         self.cache.release(seq.slot)
+        finish = getattr(self.drafter, "finish", None)
+        if finish is not None:  # a drafter that scores its drafts against the history gets the last tokens
+            finish(seq.seq_id, seq.history)
         self.drafter.release(seq.seq_id)
         self.policy.forget(seq.seq_id)
         return self._finished(seq)

@@ -34,6 +34,7 @@ def snapshot(service_stats: Any, swap_stats: Any = None, publisher: Any = None) 
     st = service_stats
     out: dict[str, Any] = {key: getattr(st, key) for key, _ in COUNTERS.values()}
     out["accepted_per_position"] = list(st.accepted_per_position)
+    out["by_drafter"] = {name: list(v) for name, v in getattr(st, "by_drafter", {}).items()}
     out["running"], out["waiting"] = st.running, st.waiting
     out["swaps"] = swap_stats.swaps if swap_stats else 0
     out["swap_failures"] = swap_stats.failures if swap_stats else 0
@@ -55,6 +56,12 @@ class MetricsSink:
         self.counters = {name: m.Counter(PREFIX + name, description=desc) for name, (_, desc) in COUNTERS.items()}
         self.per_pos = m.Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
                                  description="Drafts whose i-th draft token was accepted", tag_keys=("position",))
+        self.per_drafter = {key: m.Counter(PREFIX + name + "_by_drafter", description=desc + ", per drafter",
+                                           tag_keys=("drafter",))
+                            for key, (name, desc) in enumerate((
+                                ("spec_decode_num_drafts", "Sequence-steps that verified at least one draft token"),
+                                ("spec_decode_num_draft_tokens", "Draft tokens verified by the target"),
+                                ("spec_decode_num_accepted_tokens", "Draft tokens accepted")))}
         self.swaps = m.Counter(PREFIX + "drafter_swaps", description="Drafter hot swaps done")
         self.swap_failures = m.Counter(PREFIX + "drafter_swap_failures",
                                        description="Drafter versions refused (download, sha256, shape, smoke)")
@@ -77,7 +84,8 @@ class MetricsSink:
     def update(self) -> dict[str, Any]:
         """Push what changed since the last call; returns the deltas (tests read them)."""
         now = self.read()
-        last = self._last or {k: (0 if not isinstance(v, (list, str)) else ([] if isinstance(v, list) else ""))
+        last = self._last or {k: (0 if not isinstance(v, (list, str, dict)) else
+                                  ([] if isinstance(v, list) else {} if isinstance(v, dict) else ""))
                                for k, v in now.items()}
         delta: dict[str, Any] = {}
         for name, (key, _) in COUNTERS.items():
@@ -90,6 +98,14 @@ class MetricsSink:
         for i, (a, b) in enumerate(zip(per, old)):
             if a > b:
                 self.per_pos.inc(a - b, tags={"position": str(i)})
+        by_drafter: dict[str, list[int]] = {}
+        for name, counts in now["by_drafter"].items():
+            before = last["by_drafter"].get(name, [0, 0, 0])
+            by_drafter[name] = [a - b for a, b in zip(counts, before)]
+            for key, d in enumerate(by_drafter[name]):
+                if d > 0:
+                    self.per_drafter[key].inc(d, tags={"drafter": name})
+        delta["by_drafter"] = by_drafter
         for key, counter in (("swaps", self.swaps), ("swap_failures", self.swap_failures),
                              ("event_drops", self.event_drops)):
             d = now[key] - last[key]

@@ -455,18 +455,29 @@ class _Output:
 
 def usage_of(fin: Any, step_numbers: tuple[int, ...], replica_id: str) -> dict[str, Any]:
     """OpenAI usage plus `speculative`: draft/accepted tokens, mean accepted length, the drafter
-    versions in the order they served (with the replica's step range of each), the replica."""
+    versions in the order they served (with the replica's step range and the tokens of each), the
+    totals per drafter (`by_drafter`: with the controller, which of its parts drafted what; steps on
+    which nothing was drafted count under "none"), the replica."""
     served: list[dict[str, Any]] = []
+    by_drafter: dict[str, dict[str, int]] = {}
     for rec, step in zip(fin.steps, step_numbers):
         if served and served[-1]["drafter"] == rec.drafter and served[-1]["version"] == rec.drafter_version:
-            served[-1]["last_step"], served[-1]["steps"] = step, served[-1]["steps"] + 1
+            seg = served[-1]
+            seg["last_step"], seg["steps"] = step, seg["steps"] + 1
         else:
-            served.append({"drafter": rec.drafter, "version": rec.drafter_version, "first_step": step,
-                           "last_step": step, "steps": 1})
+            seg = {"drafter": rec.drafter, "version": rec.drafter_version, "first_step": step, "last_step": step,
+                   "steps": 1, "draft_tokens": 0, "accepted_tokens": 0}
+            served.append(seg)
+        seg["draft_tokens"] += rec.proposed
+        seg["accepted_tokens"] += rec.accepted
+        mine = by_drafter.setdefault(rec.drafter, {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0})
+        mine["steps"] += 1
+        mine["draft_tokens"] += rec.proposed
+        mine["accepted_tokens"] += rec.accepted
     last = served[-1] if served else {"drafter": "none", "version": "0"}
     n = len(fin.output_ids)
     return {"prompt_tokens": len(fin.prompt_ids), "completion_tokens": n, "total_tokens": len(fin.prompt_ids) + n,
             "speculative": {"draft_tokens": fin.draft_tokens, "accepted_tokens": fin.accepted_tokens,
                             "steps": len(fin.steps), "mean_accepted_length": round(fin.mean_accepted_length, 4),
                             "drafter": last["drafter"], "drafter_version": last["version"],
-                            "served_by": served, "replica_id": replica_id}}
+                            "served_by": served, "by_drafter": by_drafter, "replica_id": replica_id}}

@@ -81,6 +81,8 @@ class ServiceStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts that accepted > i tokens
+    by_drafter: dict[str, list[int]] = field(default_factory=dict)
+    """drafter name -> [drafts, draft tokens, accepted tokens] (the controller names the part that drafted)."""
     running: int = 0
     waiting: int = 0
     steps: int = 0
@@ -292,6 +294,10 @@ class EngineService:
                 st.drafts += 1
                 st.draft_tokens += rec.proposed
                 st.accepted_tokens += rec.accepted
+                mine = st.by_drafter.setdefault(rec.drafter, [0, 0, 0])
+                mine[0] += 1
+                mine[1] += rec.proposed
+                mine[2] += rec.accepted
                 while len(st.accepted_per_position) < rec.accepted:
                     st.accepted_per_position.append(0)
                 for i in range(rec.accepted):

@@ -214,6 +214,8 @@ class DrafterSwapper:
         def replace(current: Drafter) -> Drafter:
             if hasattr(current, "replace") and hasattr(current, "per_domain"):  # a DomainDrafter
                 return current.replace(domain, drafter)
+            if hasattr(current, "with_part"):  # the controller: the promoted head becomes (or replaces) one part
+                return current.with_part(drafter)
             return drafter
 
         self.service.swap_drafter(replace).result(timeout=60)

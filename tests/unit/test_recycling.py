@@ -71,8 +71,12 @@ def test_layout_for_every_budget(budget):
 def test_toy_matrix_drafts_the_reference_tree():
     tr = toy_recycler()
     draft = tr.draft_tree(5, 4)
-    assert [5] + draft.tokens.tolist() == [5, 6, 3, 5, 4]
-    assert draft.parents.tolist() == [-1, -1, -1, 0]
+    # Most promising first: ranks (0), (0, 0), (1), (2) of the root 5.
+    assert [5] + draft.tokens.tolist() == [5, 6, 4, 3, 5]
+    assert draft.parents.tolist() == [-1, 0, -1, -1]
+    for b in range(1, 4):  # a smaller budget drafts this draft's first nodes
+        small = tr.draft_tree(5, b)
+        assert small.tokens.tolist() == draft.tokens[:b].tolist() and small.parents.tolist() == draft.parents[:b].tolist()
     assert draft.q is None  # deterministic: verified by the target-only rule
     req = DraftRequest(seq_id=1, history=[2, 7, 5], budget=4, params=SamplingParams(), generator=torch.Generator())
     [proposed] = tr.propose([req])
@@ -106,7 +110,8 @@ def test_observe_overwrites_every_tree_token_row():
     untouched = [t for t in range(8) if t not in tree.tolist()]
     assert torch.equal(tr.matrix[untouched], before[untouched])
     # The next draft from 6 reads the row the target just wrote.
-    assert tr.draft_tree(6, 4).tokens[:3].tolist() == topk[1, :3].tolist()
+    d = tr.draft_tree(6, 4)
+    assert d.tokens[d.parents < 0].tolist() == topk[1, :3].tolist()
 
 
 def test_observe_keeps_the_first_k_ranks_of_a_wider_topk():

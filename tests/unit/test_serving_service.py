@@ -163,12 +163,13 @@ def test_metrics_sink_follows_vllm_formulas():
         Counter = Gauge = Histogram = Metric
 
     st = ServiceStats(drafts=10, draft_tokens=30, accepted_tokens=12, accepted_per_position=[7, 4, 1],
-                      output_tokens=22, finished=3)
+                      output_tokens=22, finished=3, by_drafter={"suffix": [6, 20, 10], "prompt-lookup": [4, 10, 2]})
     st.latencies.extend([(0.1, 0.01, 8), (0.2, None, 1)])
     sink = MetricsSink(lambda: {**{k: getattr(st, k) for k in ("drafts", "draft_tokens", "accepted_tokens",
                                                                  "output_tokens", "finished", "aborted", "rejected",
                                                                  "failed", "running", "waiting")},
                                 "accepted_per_position": list(st.accepted_per_position), "swaps": 2,
+                                "by_drafter": {k: list(v) for k, v in st.by_drafter.items()},
                                 "swap_failures": 1, "drafter_version": "4", "event_drops": 0},
                        lambda: [st.latencies.popleft() for _ in range(len(st.latencies))], Module, "draft")
     sink.update()
@@ -177,10 +178,15 @@ def test_metrics_sink_follows_vllm_formulas():
     assert sink.mean_acceptance.values[()] == pytest.approx(1 + 12 / 10)
     assert sink.version_info.values[(("drafter", "draft"), ("version", "4"))] == 1
     assert sink.ttft.values[()] == 2 and sink.tpot.values[()] == 1
+    per_drafter = sink.per_drafter[2].values  # accepted tokens, per drafter
+    assert per_drafter[(("drafter", "suffix"),)] == 10 and per_drafter[(("drafter", "prompt-lookup"),)] == 2
     st.accepted_tokens += 3
     st.accepted_per_position[0] += 3
+    st.by_drafter["suffix"][2] += 3
     delta = sink.update()
     assert delta["accepted_tokens"] == 3 and sink.counters["spec_decode_num_accepted_tokens"].values[()] == 15
+    assert delta["by_drafter"] == {"suffix": [0, 0, 3], "prompt-lookup": [0, 0, 0]}
+    assert per_drafter[(("drafter", "suffix"),)] == 13
 
 
 def test_configs_name_the_bad_field():
