@@ -6,7 +6,8 @@
    draft weights as `draft-lm`, HF prompt lookup, and the engine with each drafter (adaptive size).
    Reported per domain: tokens/s, speed-up over HF `generate`, mean accepted length (tokens per
    target forward, bonus included), acceptance rate, and whether the output equals the target's.
-2. Throughput at 1, 4 and 16 concurrent requests with and without speculation.
+2. Throughput at 4 and 16 concurrent requests, per domain, for no speculation, each drafter alone
+   and the controller ("auto"; draft-lm is left out there: at batch 1 it already loses).
 3. Memory: peak RSS of a process serving with each drafter, the draft LM's and the Token Recycling
    matrix's own bytes.
 
@@ -35,7 +36,8 @@ from moe.loader import DEFAULT_MODEL, encode_prompt, load_model  # noqa: E402
 from serving.engine import Engine, EngineConfig, Request  # noqa: E402
 from serving.traffic import humaneval_prompts, sharegpt_prompts  # noqa: E402
 
-ENGINE_DRAFTERS = ("none", "prompt-lookup", "token-recycling", "hybrid", "draft-lm")
+ENGINE_DRAFTERS = ("none", "prompt-lookup", "token-recycling", "suffix", "hybrid", "draft-lm", "auto")
+CONCURRENT_DRAFTERS = ("none", "prompt-lookup", "token-recycling", "suffix", "hybrid", "auto")
 HF_CONFIGS = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
 
 
@@ -133,19 +135,29 @@ def bench_batch1(lm, prompts: dict[str, list[list[int]]], new_tokens: int, draft
     return rows
 
 
-def bench_concurrency(lm, prompts: list[list[int]], new_tokens: int, draft_layers: int, best: str) -> dict:
-    out: dict[str, dict[str, float]] = {}
-    for conc in (1, 4, 16):
-        row = {}
-        for name in ("none", best):
-            engine = make_engine(lm, name, conc, draft_layers)
-            for i, ids in enumerate(prompts):
-                engine.add_request(Request(str(i), tuple(ids), SamplingParams(max_new_tokens=new_tokens)))
-            t = time.perf_counter()
-            done = engine.run_to_completion()
-            row[name] = sum(len(f.output_ids) for f in done) / (time.perf_counter() - t)
-        out[str(conc)] = row
-        print(f"concurrency {conc}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in row.items()), flush=True)
+def bench_concurrency(lm, prompts: dict[str, list[list[int]]], new_tokens: int, draft_layers: int,
+                      levels: tuple[int, ...] = (4, 16)) -> dict:
+    """domain -> concurrency -> drafter -> tokens/s of all its requests together (and the ratio to none)."""
+    out: dict[str, dict[str, dict]] = {}
+    for domain, plist in prompts.items():
+        out[domain] = {}
+        for conc in levels:
+            row = {}
+            for name in tqdm(CONCURRENT_DRAFTERS, desc=f"concurrency {conc}, {domain}"):
+                engine = make_engine(lm, name, conc, draft_layers)
+                for i, ids in enumerate(plist):
+                    engine.add_request(Request(str(i), tuple(ids), SamplingParams(max_new_tokens=new_tokens),
+                                               domain=domain))
+                t = time.perf_counter()
+                done = engine.run_to_completion()
+                row[name] = {"tokens_per_s": sum(len(f.output_ids) for f in done) / (time.perf_counter() - t),
+                             "draft_tokens": sum(f.draft_tokens for f in done),
+                             "accepted_tokens": sum(f.accepted_tokens for f in done)}
+            for r in row.values():
+                r["vs_none"] = r["tokens_per_s"] / row["none"]["tokens_per_s"]
+            out[domain][str(conc)] = row
+            print(f"{domain} concurrency {conc}: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s ({v['vs_none']:.2f}x)"
+                                                             for k, v in row.items()), flush=True)
     return out
 
 
@@ -203,27 +215,32 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
     names = list(HF_CONFIGS + ENGINE_DRAFTERS)
-    for ax, (domain, rows) in zip(axes[:2], result["batch1"].items()):
+    for ax, (domain, rows) in zip(axes[0], result["batch1"].items()):
         vals = [rows[n]["tokens_per_s"] for n in names]
-        colors = ["#999"] * len(HF_CONFIGS) + ["#2a7"] * len(ENGINE_DRAFTERS)
+        colors = ["#999"] * len(HF_CONFIGS) + ["#2a7" if n != "auto" else "#c50" for n in ENGINE_DRAFTERS]
         ax.barh(names, vals, color=colors)
+        none = rows["none"]["tokens_per_s"]
         for i, n in enumerate(names):
-            ax.text(vals[i], i, f" {rows[n]['speedup_vs_hf_generate']:.2f}x, MAT {rows[n]['mean_accepted_length']:.2f}",
-                    va="center", fontsize=8)
+            ax.text(vals[i], i, f" {rows[n]['speedup_vs_hf_generate']:.2f}x HF, {vals[i] / none:.2f}x none, "
+                                f"MAT {rows[n]['mean_accepted_length']:.2f}", va="center", fontsize=8)
         ax.set_xlabel("tokens / s (greedy, batch 1)")
-        ax.set_title(f"{domain} ({rows['hf-generate']['prompts']} held-out prompts)")
+        ax.set_title(f"{domain}, batch 1 ({rows['hf-generate']['prompts']} held-out prompts)")
         ax.invert_yaxis()
-    c = result["concurrency"]
-    levels = list(c)
-    for name in next(iter(c.values())):
-        axes[2].plot([int(x) for x in levels], [c[x][name] for x in levels], marker="o", label=name)
-    axes[2].set_xscale("log", base=2)
-    axes[2].set_xlabel("concurrent requests")
-    axes[2].set_ylabel("tokens / s (all requests)")
-    axes[2].set_title("throughput with and without speculation")
-    axes[2].legend()
+    for ax, (domain, levels) in zip(axes[1], result["concurrency"].items()):
+        conc = list(levels)
+        x = range(len(CONCURRENT_DRAFTERS))
+        width = 0.8 / len(conc)
+        for j, c in enumerate(conc):
+            vals = [levels[c][n]["vs_none"] for n in CONCURRENT_DRAFTERS]
+            ax.bar([i + j * width for i in x], vals, width, label=f"{c} concurrent")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(0.98, color="r", lw=0.8, ls="--", label="0.98x (the controller's floor)")
+        ax.set_xticks([i + width * (len(conc) - 1) / 2 for i in x], CONCURRENT_DRAFTERS, fontsize=8, rotation=15)
+        ax.set_ylabel("throughput / no speculation")
+        ax.set_title(f"{domain}, {result['concurrency_prompts'][domain]} requests, at most this many at once")
+        ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{result['model']} fp32, {result['threads']} threads, {result['new_tokens']} new tokens — "
                  f"{result['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
@@ -252,10 +269,9 @@ def main() -> int:
             print(f"{domain:10s} {name:17s} {r['tokens_per_s']:6.1f} tok/s {r['speedup_vs_hf_generate']:5.2f}x "
                   f"MAT {r['mean_accepted_length']:.2f} acc {rate} identical {r['identical_to_hf_generate']}/"
                   f"{r['prompts']}", flush=True)
-    engine_rows = {n: sum(result["batch1"][d][n]["tokens_per_s"] for d in result["batch1"]) for n in ENGINE_DRAFTERS[1:]}
-    best = max(engine_rows, key=engine_rows.get)
-    mixed = [p for pair in zip(prompts["humaneval"], prompts["sharegpt"]) for p in pair][: args.concurrency_prompts]
-    result["concurrency"] = bench_concurrency(lm, mixed, args.new_tokens, args.draft_layers, best)
+    many = load_prompts(lm.tokenizer, args.concurrency_prompts)
+    result["concurrency_prompts"] = {d: len(p) for d, p in many.items()}
+    result["concurrency"] = bench_concurrency(lm, many, args.new_tokens, args.draft_layers)
     result["memory"] = {"peak_rss_mb": {d: peak_rss_mb(d, args.draft_layers, args.threads) for d in ENGINE_DRAFTERS},
                         **drafter_costs(lm, args.draft_layers)}
     print(f"memory: {result['memory']}")

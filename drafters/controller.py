@@ -96,8 +96,8 @@ class Controller:
 
     name = "auto"
 
-    def __init__(self, parts: list[Drafter], ema: float = 0.2, explore_every: int = 16, prior_weight: float = 2.0,
-                 shadow_every: int = 2, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, parts: list[Drafter], ema: float = 0.2, explore_every: int = 16, prior_weight: float = 1.0,
+                 shadow_every: int = 2, clock: Callable[[], float] = time.perf_counter, own_ema: float = 0.5):
         if not parts:
             raise ValueError("the controller needs at least one drafter")
         names = [p.name for p in parts]
@@ -111,6 +111,8 @@ class Controller:
         self.needs_topk = max(p.needs_topk for p in parts)
         self.cost_hint = 0.0  # a part's cost is measured and weighed here, per sequence
         self.ema, self.explore_every, self.prior_weight = ema, explore_every, prior_weight
+        self.own_ema = own_ema
+        """A sequence's own record follows its text fast (a copied passage ends abruptly)."""
         if shadow_every < 0:
             raise ValueError(f"shadow_every must be >= 0, got {shadow_every}")
         self.shadow_every = shadow_every
@@ -126,7 +128,8 @@ class Controller:
         self._domain: dict[tuple[str | None, int, int], Ema] = {}   # (domain, part, budget) -> record
         self._sizes: dict[tuple[int, int], Ema] = {}                  # (part, budget) -> draft nodes proposed
         self._plans: dict[tuple[int, int], tuple[float, float]] = {}  # this step's (seq, budget) -> _plan
-        self._calibration: dict[int, tuple[Ema, Ema]] = {}           # budget offered -> (expected, accepted)
+        self._calibration: dict[int, list[float]] = {}               # budget offered -> decayed [expected, accepted]
+        self._pooled = [0.0, 0.0]                                     # the same over every budget
         self.calibration_ema = 0.1
         self._seconds = [Ema() for _ in parts]                        # seconds per proposal, per part
         self._step = Ema()                                            # seconds between two propose() calls
@@ -157,7 +160,8 @@ class Controller:
         names = [p.name for p in self.parts]
         i = names.index(drafter.name) if drafter.name in names else len(names)
         parts = self.parts[:i] + [drafter] + self.parts[i + 1:]
-        new = Controller(parts, self.ema, self.explore_every, self.prior_weight, self.shadow_every, self._clock)
+        new = Controller(parts, self.ema, self.explore_every, self.prior_weight, self.shadow_every, self._clock,
+                         self.own_ema)
         new._domain = {k: v for k, v in self._domain.items() if k[1] != i}
         new._sizes = {k: v for k, v in self._sizes.items() if k[0] != i}
         new._seconds = [Ema() if j == i else s for j, s in enumerate(self._seconds + [Ema()])][: len(parts)]
@@ -209,18 +213,25 @@ class Controller:
                                        size.mean if size is not None and size.count else float(judged))
         return plan
 
+    def _calibration_key(self, budget: int) -> int:
+        return max((b for b in self._budgets if b <= budget), default=budget)
+
     def calibration(self, budget: int) -> float:
-        """Accepted over expected tokens of the drafts verified at `budget` (1 until 4 were).
+        """Accepted over expected tokens of the drafts verified at `budget` (recent ones weigh most).
 
         Estimates are unbiased one by one, but the drafts verified are those whose estimates came out
         highest, among parts and budgets, and text drifts after a run of accepted drafts (on SmolLM2
         at concurrency 4, drafts verified at budget 8 got 0.4 of the tokens expected of them, at
-        budgets 1 and 4 about all). The ratio measured on the verified drafts corrects for it.
+        budgets 1 and 4 about all). The ratio measured on the verified drafts corrects for it: per
+        budget, shrunk toward the ratio over all budgets (itself toward 1), and kept within
+        [0.2, 1.25] so that a budget judged on a few bad drafts is not shut out for good.
         """
-        c = self._calibration.get(budget)
-        if c is None or c[0].count < 4 or c[0].mean <= 1e-6:
-            return 1.0
-        return min(1.25, c[1].mean / c[0].mean)
+        exp, got = self._pooled
+        pooled = (got + 2.0) / (exp + 2.0)
+        sums = self._calibration.get(self._calibration_key(budget))
+        if sums is None:
+            return min(1.25, max(0.2, pooled))
+        return min(1.25, max(0.2, (sums[1] + 4.0 * pooled) / (sums[0] + 4.0)))
 
     def estimate(self, seq_id: int, budget: int) -> float:
         """Expected accepted draft tokens at `budget` with the part the controller would pick (for the policy)."""
@@ -265,14 +276,15 @@ class Controller:
                 still.append(p)
                 continue
             if p.predicted is not None:
-                expected, got = self._calibration.setdefault(p.offered, (Ema(), Ema()))
-                expected.add(p.predicted, self.calibration_ema)
-                got.add(len(path), self.calibration_ema)
+                keep = 1.0 - self.calibration_ema
+                for sums in (self._pooled, self._calibration.setdefault(self._calibration_key(p.offered), [0.0, 0.0])):
+                    sums[0] = keep * sums[0] + p.predicted
+                    sums[1] = keep * sums[1] + len(path)
             for b in self._menu[p.part]:
                 if b > p.budget:
                     break
                 n = sum(1 for node in path if node < b)
-                st.accepted.setdefault((p.part, b), Ema()).add(n, self.ema)
+                st.accepted.setdefault((p.part, b), Ema()).add(n, self.own_ema)
                 self._domain.setdefault((st.domain, p.part, b), Ema()).add(n, self.ema)
                 self._sizes.setdefault((p.part, b), Ema()).add(min(p.size, b), self.ema)
         st.pending = still
