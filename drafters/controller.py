@@ -116,8 +116,8 @@ class Controller:
         if shadow_every < 0:
             raise ValueError(f"shadow_every must be >= 0, got {shadow_every}")
         self.shadow_every = shadow_every
-        self._clock = clock
         """A sequence gets one shadow proposal every this many steps (0: none)."""
+        self._clock = clock
         # Cheap deterministic parts are shadowed; the others are explored on policy.
         self._cheap = [i for i, p in enumerate(parts) if p.cost_hint == 0.0]
         self._costly = [i for i, p in enumerate(parts) if p.cost_hint > 0.0]
@@ -166,6 +166,7 @@ class Controller:
         new._sizes = {k: v for k, v in self._sizes.items() if k[0] != i}
         new._seconds = [Ema() if j == i else s for j, s in enumerate(self._seconds + [Ema()])][: len(parts)]
         new._step = self._step
+        new._calibration, new._pooled = self._calibration, self._pooled  # the selection bias is the policy's
         return new
 
     # ---- estimates ---------------------------------------------------------------------------------

@@ -346,3 +346,16 @@ class SuffixDrafter:
         state = self._seqs.pop(seq_id, None)
         if state is not None:
             self.add_output(state.tokens[state.prompt_len:])
+
+
+def suffix_drafters(drafter: object) -> list[SuffixDrafter]:
+    """Every SuffixDrafter in `drafter`: itself, a controller's parts, a per-domain drafter's drafters."""
+    if isinstance(drafter, SuffixDrafter):
+        return [drafter]
+    inner = list(getattr(drafter, "parts", None) or [])
+    if hasattr(drafter, "per_domain"):
+        inner += [getattr(drafter, "default")] + list(getattr(drafter, "per_domain").values())
+    found: list[SuffixDrafter] = []
+    for d in inner:
+        found += [s for s in suffix_drafters(d) if all(s is not f for f in found)]
+    return found

@@ -3,7 +3,8 @@
 B sequences in the batch, s the draft budget per sequence, a(s) expected accepted draft tokens,
 w(s) the draft nodes actually verified per sequence (a drafter may propose fewer than s, or none).
 Each step the policy picks the budget s (0 = plain decoding) that maximises
-    sum_b (1 + a_b(s)) / (t_target(B * (1 + w(s))) + t_draft(B, s)),
+    sum_b (1 + a_b(s)) / (t_target(sum_b (1 + w_b(s))) + t_draft(B, s)),
+over the sequences worth drafting for (see `_plan`; the target computes only real tree nodes),
 the expected tokens per second of the step. a_b(s) and w(s) are learned per budget, from every step
 given that budget (an empty draft counts as 0 accepted: a budget is judged by what it brought, not
 only by the drafts that happened), the times from the engine's own clock. Choosing s = 0 is always
@@ -76,12 +77,16 @@ class AdaptivePolicy:
     """Picks each step's draft size for every sequence from learned acceptance and measured costs."""
 
     def __init__(self, menu: tuple[int, ...], draft_cost_hint: float = 0.0, ema: float = 0.2,
-                 explore_every: int = 16, prior_weight: float = 2.0, estimator: Estimator | None = None):
+                 explore_every: int = 16, prior_weight: float = 2.0, estimator: Estimator | None = None,
+                 margin: float = 0.1):
         self.menu = tuple(sorted(set(s for s in menu if s > 0)))
         self.draft_cost_hint = draft_cost_hint
         """Guess of one draft node's cost relative to a one-token target forward, until measured."""
         self.ema, self.explore_every, self.prior_weight = ema, explore_every, prior_weight
         self.estimator = estimator
+        self.margin = margin
+        """Speculate only when that is expected to be this much faster than not (estimates err, and
+        the drafts taken are those whose estimates erred high: a close call is more often a loss)."""
         self.target_cost = CostModel()
         self.draft_cost: dict[tuple[int, int], float] = {}  # (s, B) -> seconds of one propose()
         self._global: dict[int, _Acceptance] = {s: _Acceptance() for s in self.menu}
@@ -92,7 +97,7 @@ class AdaptivePolicy:
     def reset_drafter(self, menu: tuple[int, ...], draft_cost_hint: float, estimator: Estimator | None = None) -> None:
         """A different drafter took over: what was learned about the old one no longer applies."""
         self.__init__(menu, draft_cost_hint, self.ema, self.explore_every, self.prior_weight,  # type: ignore[misc]
-                      estimator)
+                      estimator, self.margin)
 
     def expected_accepted(self, seq_id: int, s: int) -> float:
         """a_b(s): the drafter's own estimate if it has one, else the sequence's record shrunk toward the drafter-wide one."""
@@ -109,12 +114,12 @@ class AdaptivePolicy:
         n = min(own.count, 8)
         return (n * own.mean + self.prior_weight * prior) / (n + self.prior_weight)
 
-    def expected_width(self, seq_ids: list[int], s: int) -> float:
-        """w(s): draft nodes per sequence the verification will carry (padded to the batch's widest)."""
+    def expected_size(self, seq_id: int, s: int) -> float:
+        """w(s): draft nodes the sequence's tree will carry at budget s (a drafter may find fewer)."""
         if s == 0:
             return 0.0
         if self.estimator is not None:
-            return max(self.estimator.expected_size(i, s) for i in seq_ids)
+            return self.estimator.expected_size(seq_id, s)
         w = self._width[s]
         return w.mean if w.count else float(s)
 
@@ -124,20 +129,46 @@ class AdaptivePolicy:
             return measured
         return self.draft_cost_hint * s * self.target_cost.predict(batch)
 
+    def _plan(self, seq_ids: list[int], s: int) -> tuple[float, list[bool]]:
+        """(expected tokens per second, which sequences draft) for budget s.
+
+        The target runs only the real tree nodes (moe.model packs the rows), so the step costs
+        t_target(B + sum of the drafting sequences' w_b(s)). A sequence drafts when its draft is
+        accepted at all (a_b(s) >= 5% of s) and its expected tokens at least pay for its rows at the
+        step's rate, with the policy's margin: a_b(s) >= (1 + margin) * rate * (t(rows) - t(rows - w_b(s))).
+        """
+        b = len(seq_ids)
+        if s == 0:
+            return b / max(self.target_cost.predict(b), 1e-9), [False] * b
+        acc = [self.expected_accepted(i, s) for i in seq_ids]
+        size = [self.expected_size(i, s) for i in seq_ids]
+        on = [a >= 0.05 * s and w > 0 for a, w in zip(acc, size)]
+        draft = self._draft_seconds(s, b)
+
+        def rate(on: list[bool]) -> tuple[float, float]:
+            rows = b + sum(w for w, o in zip(size, on) if o)
+            return (b + sum(a for a, o in zip(acc, on) if o)) / max(self.target_cost.predict(round(rows)) + draft,
+                                                                    1e-9), rows
+        r, rows = rate(on)
+        t = self.target_cost.predict(round(rows))
+        keep = 1.0 + self.margin
+        on = [o and a >= keep * r * (t - self.target_cost.predict(round(rows - w))) for a, w, o in zip(acc, size, on)]
+        if not any(on):
+            return 0.0, on
+        return rate(on)[0], on
+
     def choose(self, seq_ids: list[int]) -> list[int]:
         """Draft size per sequence for this step."""
         self.steps += 1
         b = len(seq_ids)
         if not self.menu or b == 0:
             return [0] * b
-        best_s, best_rate = 0, -1.0
-        for s in (0,) + self.menu:
-            tokens = sum(1.0 + self.expected_accepted(i, s) for i in seq_ids)
-            width = self.expected_width(seq_ids, s)
-            seconds = self.target_cost.predict(round(b * (1 + width))) + (self._draft_seconds(s, b) if s else 0.0)
-            rate = tokens / max(seconds, 1e-9)
+        plain, _ = self._plan(seq_ids, 0)
+        best_s, best_rate, best_on = 0, plain * (1.0 + self.margin), [False] * b
+        for s in self.menu:
+            rate, on = self._plan(seq_ids, s)
             if rate > best_rate:
-                best_s, best_rate = s, rate
+                best_s, best_rate, best_on = s, rate, on
         if self.estimator is None and self.explore_every and self.steps % self.explore_every == 0:
             # Keep every affordable size's estimate fresh, in turn: acceptance drifts with the text
             # (and a Token Recycling matrix warms up), so a size judged once while cold must be retried.
@@ -146,11 +177,7 @@ class AdaptivePolicy:
             probes = [s for s in self.menu if s != best_s and self.target_cost.predict(b * (1 + s)) <= limit]
             probes = probes or [self.menu[0]]
             return [probes[(self.steps // self.explore_every) % len(probes)]] * b
-        if best_s == 0:
-            return [0] * b
-        # Per sequence: a sequence whose drafts are nearly never accepted stops paying for them.
-        floor = 0.05 * best_s
-        return [best_s if self.expected_accepted(i, best_s) >= floor else 0 for i in seq_ids]
+        return [best_s if o else 0 for o in best_on]
 
     def record(self, seq_id: int, s: int, accepted: int) -> None:
         """One sequence's step at budget `s` (whatever the drafter made of it) accepted `accepted` tokens."""
@@ -159,14 +186,14 @@ class AdaptivePolicy:
         self._global[s].add(accepted, self.ema)
         self._per_seq.setdefault(seq_id, {}).setdefault(s, _Acceptance()).add(accepted, self.ema)
 
-    def record_step(self, s: int, batch: int, draft_seconds: float, width: int) -> None:
-        """A step whose largest budget was `s`: its propose() time and the draft nodes its tree was padded to."""
+    def record_step(self, s: int, batch: int, draft_seconds: float, sizes: list[int]) -> None:
+        """A step whose largest budget was `s`: its propose() time, and the draft sizes of the sequences given s."""
         if s == 0:
             return
         old = self.draft_cost.get((s, batch))
         self.draft_cost[(s, batch)] = draft_seconds if old is None else (1 - self.ema) * old + self.ema * draft_seconds
-        if s in self._width:
-            self._width[s].add(width, self.ema)
+        if s in self._width and sizes:
+            self._width[s].add(sum(sizes) / len(sizes), self.ema)
 
     def forget(self, seq_id: int) -> None:
         self._per_seq.pop(seq_id, None)

@@ -75,6 +75,8 @@ class ServeConfig:
     """streams URL for token events (kafka://..., file:///...); None: streams.default_url(); "" = off."""
     events_topic: str | None = None
     """Topic override (default: streams' token-events topic)."""
+    suffix_feed: bool = False
+    """Seed the suffix drafters' shared trie from the event topic and follow it (other replicas' outputs)."""
     redis_url: str | None = None
     """Redis for promotions and heartbeats; None: $SPECTUTOR_REDIS_URL; "" = off."""
     mlflow_uri: str | None = None
@@ -96,6 +98,10 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
+        if self.suffix_feed and self.drafter not in ("suffix", "auto"):
+            raise ValueError(f"suffix_feed needs a drafter with suffix tries (suffix or auto), got {self.drafter!r}")
+        if self.suffix_feed and self.events_url == "":
+            raise ValueError("suffix_feed needs the event topic, but events_url is \"\" (events off)")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         from moe.loader import check_device_name

@@ -20,7 +20,7 @@ from drafters.base import Drafter, DraftRequest, Feedback, Prefill
 from drafters.verify import Draft, Verified, verify
 from moe.errors import ContextTooLongError
 from moe.generate import SamplingParams
-from moe.model import LeanDecoder
+from moe.model import LeanDecoder, rows_computed
 from moe.tree import TreeBatch
 from serving.adaptive import AdaptivePolicy
 
@@ -284,7 +284,7 @@ class Engine:
         else:
             logits, feats = self.target(tree, slots, self.cache), None   # [B, N, V]
         t2 = time.perf_counter()
-        self._account(seqs, budgets, tree, t1 - t0, t2 - t1)
+        self._account(seqs, budgets, drafts, tree, t1 - t0, t2 - t1)
 
         verified = [verify(d, logits[b, : d.size + 1], s.request.params, s.generator)
                     for b, (s, d) in enumerate(zip(seqs, drafts))]
@@ -390,13 +390,15 @@ class Engine:
             out.append(max(0, min(n, s.limit - s.emitted - 1, room)))
         return out
 
-    def _account(self, seqs: list[_Sequence], budgets: list[int], tree: TreeBatch, t_draft: float,
-                 t_target: float) -> None:
+    def _account(self, seqs: list[_Sequence], budgets: list[int], drafts: list[Draft], tree: TreeBatch,
+                 t_draft: float, t_target: float) -> None:
         self.stats.steps += 1
         self.stats.draft_seconds += t_draft
         self.stats.target_seconds += t_target
-        self.policy.target_cost.observe(tree.batch_size * tree.width, t_target)
-        self.policy.record_step(max(budgets), len(seqs), t_draft, tree.width - 1)
+        # A batch of unequal trees runs packed: the target computed its real nodes only.
+        self.policy.target_cost.observe(rows_computed(tree), t_target)
+        top = max(budgets)
+        self.policy.record_step(top, len(seqs), t_draft, [d.size for d, n in zip(drafts, budgets) if n == top])
 
     def _feedback(self, seqs: list[_Sequence], drafts: list[Draft], verified: list[Verified],
                   tree: TreeBatch, logits: Tensor, feats: Tensor | None) -> None:
@@ -405,9 +407,14 @@ class Engine:
             self.drafter.observe([])
             return
         fb = []
+        # One top-k over the batch when no tree has drafts (the common step at high batch), else per tree.
+        flat = logits[:, 0].topk(k, dim=-1).indices.cpu() if k and tree.width == 1 else None   # [B, k]
         for b, (s, d, v) in enumerate(zip(seqs, drafts, verified)):
             n = d.size + 1
-            top = logits[b, :n].topk(k, dim=-1).indices.cpu() if k else torch.zeros(n, 0, dtype=torch.long)
+            if flat is not None:
+                top = flat[b: b + 1]
+            else:
+                top = logits[b, :n].topk(k, dim=-1).indices.cpu() if k else torch.zeros(n, 0, dtype=torch.long)
             fb.append(Feedback(s.seq_id, tree.tokens[b, :n], top, v, None if feats is None else feats[b, :n]))
         self.drafter.observe(fb)
 

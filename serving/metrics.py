@@ -36,6 +36,7 @@ def snapshot(service_stats: Any, swap_stats: Any = None, publisher: Any = None) 
     out["accepted_per_position"] = list(st.accepted_per_position)
     out["by_drafter"] = {name: list(v) for name, v in getattr(st, "by_drafter", {}).items()}
     out["running"], out["waiting"] = st.running, st.waiting
+    out["suffix_nodes"] = getattr(st, "suffix_nodes", 0)
     out["swaps"] = swap_stats.swaps if swap_stats else 0
     out["swap_failures"] = swap_stats.failures if swap_stats else 0
     out["drafter_version"] = swap_stats.version if swap_stats else ""
@@ -68,6 +69,8 @@ class MetricsSink:
         self.event_drops = m.Counter(PREFIX + "event_publish_drops", description="Token events not published")
         self.running = m.Gauge(PREFIX + "num_requests_running", description="Sequences being decoded")
         self.waiting = m.Gauge(PREFIX + "num_requests_waiting", description="Requests waiting for a slot")
+        self.suffix_nodes = m.Gauge(PREFIX + "suffix_trie_nodes",
+                                    description="Nodes in the suffix drafters' tries (per-sequence and shared)")
         self.tokens_per_s = m.Gauge(PREFIX + "generation_tokens_per_second", description="Output tokens/s, recent")
         self.mean_acceptance = m.Gauge(PREFIX + "spec_decode_mean_acceptance_length",
                                        description="1 + accepted / drafts since the last update")
@@ -114,6 +117,7 @@ class MetricsSink:
             delta[key] = d
         self.running.set(now["running"])
         self.waiting.set(now["waiting"])
+        self.suffix_nodes.set(now.get("suffix_nodes", 0))
         t = time.monotonic()
         self.tokens_per_s.set(delta["output_tokens"] / max(t - self._last_t, 1e-6))
         if delta["drafts"]:

