@@ -23,12 +23,13 @@ def init_process_group(rank: int, world_size: int, port: int, backend: str | Non
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
 
 
-def load_expert_parallel(spec: str, ep_size: int, dtype: str = "fp32", max_len: int | None = None) -> LoadedModel:
+def load_expert_parallel(spec: str, ep_size: int, dtype: str = "fp32", max_len: int | None = None,
+                         kernels: str = "auto") -> LoadedModel:
     """Load this process's shard of `spec` (the process group must already be up)."""
     from moe.ds_moe import init_expert_parallel
 
     loaded = load_model(spec, dtype=dtype, max_len=max_len, moe_backend="deepspeed", ep_size=ep_size,
-                        ep_rank=dist.get_rank() % ep_size, with_tokenizer=False)
+                        ep_rank=dist.get_rank() % ep_size, with_tokenizer=False, kernels=kernels)
     init_expert_parallel(loaded.model)
     return loaded
 

@@ -4,6 +4,7 @@ B sequences, N tree nodes per sequence, Lk keys, D hidden, V vocabulary.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from moe.config import ModelConfig
 from moe.kv_cache import KVCache
-from moe.layers import Attention, GatedMLP, RMSNorm, Rotary, StepLayout
+from moe.layers import Attention, GatedMLP, PackedGroup, PackedLayout, RMSNorm, Rotary, StepLayout, slot_read
 from moe.moe_block import MoEBlock
 from moe.tree import TreeBatch, attention_mask
 
@@ -26,21 +27,12 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = mlp
 
-    def forward(self, x: Tensor, layout: StepLayout, k_cache: Tensor, v_cache: Tensor,
-                rows: Tensor | None = None, shape: tuple[int, int] | None = None) -> Tensor:
-        """x [B, N, D], or with `rows` the real nodes only: [T, D], rows[t] = b * N + i of node i of sequence b.
-
-        Packed, only attention sees the padded [B, N] layout (padding rows enter it as zeros, and no
-        real node attends to them); the norms and the feed-forward block run on the T real rows.
-        """
-        if rows is None:
+    def forward(self, x: Tensor, layout: StepLayout, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """x [B, N, D], or [T, D] (the real nodes only) when `layout.packed` is set."""
+        if layout.packed is None:
             x = x + self.attn(self.input_norm(x), layout, k_cache, v_cache)
             return x + self.mlp(self.post_norm(x))
-        b, n = shape  # type: ignore[misc]
-        h = self.input_norm(x)
-        full = h.new_zeros(b * n, h.shape[-1])
-        full[rows] = h
-        x = x + self.attn(full.view(b, n, -1), layout, k_cache, v_cache).reshape(b * n, -1)[rows]
+        x = x + self.attn.forward_packed(self.input_norm(x), layout.packed, k_cache, v_cache)
         return x + self.mlp(self.post_norm(x)[None])[0]
 
 
@@ -92,21 +84,27 @@ class LeanDecoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache,
-                logits_for: Literal["all", "last"] = "all") -> Tensor:
-        """Run every tree node once; returns logits [B, N, V] ("all") or [B, V] of each tree's last real node.
+                logits_for: Literal["all", "last", "rows"] = "all") -> Tensor:
+        """Run every tree node once; returns logits [B, N, V] ("all"), [B, V] of each tree's last real
+        node ("last"), or a `TreeOutput` ("rows": the real nodes' logits back to back, never padded to
+        [B, N, V], which is what verification reads; in a batch of 16 with one 16-node tree the
+        padded logits are 256 rows, 50 MB written for 31).
 
         Node keys/values are written after each slot's committed tokens; call `cache.commit`
         with the accepted path to keep them. Nothing is committed here.
         """
-        return self._run(tree, slots, cache, logits_for, ())[0]
+        out = self._run(tree, slots, cache, logits_for, ())
+        return out if logits_for == "rows" else out[0]  # type: ignore[return-value]
 
     @torch.inference_mode()
     def forward_features(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache,
-                         layers: tuple[int, ...], logits_for: Literal["all", "last"] = "all") -> tuple[Tensor, Tensor]:
+                         layers: tuple[int, ...], logits_for: Literal["all", "last", "rows"] = "all"
+                         ) -> tuple[Tensor, Tensor]:
         """`forward`, plus the hidden states leaving each of `layers` at every node: [B, N, len(layers) * D].
 
         This is what a feature-level drafter (EAGLE) reads; the states are taken on the way, so the
-        verification forward that already runs costs nothing more than the copies.
+        verification forward that already runs costs nothing more than the copies. With
+        logits_for="rows", one `TreeOutput` carrying both.
         """
         bad = [i for i in layers if not 0 <= i < self.cfg.num_layers]
         if bad or not layers:
@@ -114,7 +112,7 @@ class LeanDecoder(nn.Module):
         return self._run(tree, slots, cache, logits_for, layers)  # type: ignore[return-value]
 
     def _run(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache, logits_for: str,
-             capture: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+             capture: tuple[int, ...]) -> tuple[Tensor, Tensor | None] | "TreeOutput":
         """The layers over the trees. A batch whose trees differ in size runs packed: every layer but
         attention, and the LM head, see only the real nodes (one long draft in a batch of short ones
         no longer costs the whole batch its width). Padding rows of the logits are 0."""
@@ -125,13 +123,23 @@ class LeanDecoder(nn.Module):
         x = self.embed(tree.tokens.to(dev))                               # [B, N, D]
         if rows is not None:
             x = x.reshape(b * n, -1)[rows]                                # [T, D]
+            layout = replace(layout, packed=pack_layout(layout, tree, rows))
         taken: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, layout, cache.k[i], cache.v[i]) if rows is None else \
-                layer(x, layout, cache.k[i], cache.v[i], rows, (b, n))
+            x = layer(x, layout, cache.k[i], cache.v[i])
             if i in capture:
                 taken[i] = x
         feats = torch.cat([taken[i] for i in capture], dim=-1) if capture else None  # [B, N, F] or [T, F]
+        if logits_for == "rows":
+            sizes = tree.num_nodes.tolist()
+            if rows is None:
+                x, feats = x.reshape(b * n, -1), None if feats is None else feats.reshape(b * n, -1)
+                start = [i * n for i in range(b)]
+            else:
+                start = [0] * b
+                for i in range(1, b):
+                    start[i] = start[i - 1] + sizes[i - 1]
+            return TreeOutput(self.lm_head(self.norm(x)).float(), feats, start, sizes)
         if rows is not None and feats is not None:
             feats = _unpack(feats, rows, b, n)
         if logits_for == "last":
@@ -144,10 +152,28 @@ class LeanDecoder(nn.Module):
         return (logits if rows is None else _unpack(logits, rows, b, n)), feats
 
 
-PACK_SAVING = 8
-"""Run packed only when that skips at least this many padding rows: the gathers and scatters cost
-about as much as a few rows (on SmolLM2, B = 4: trees of 2, 1, 1, 1 nodes took 68 ms packed and
-61 ms padded; 17, 1, 1, 1 took 131 ms packed and 244 ms padded)."""
+@dataclass
+class TreeOutput:
+    """What a verification forward gives the engine: rows of every sequence's tree nodes, back to back."""
+
+    logits: Tensor              # [R, V] fp32; with trees of one node each, R = B and row b is sequence b
+    feats: Tensor | None        # [R, F] the captured layers' hidden states, or None
+    start: list[int]            # row of each sequence's root
+    sizes: list[int]            # its tree's nodes
+
+    def logits_of(self, b: int) -> Tensor:
+        """[n_b, V] logits of sequence b's nodes."""
+        return self.logits[self.start[b]: self.start[b] + self.sizes[b]]
+
+    def feats_of(self, b: int) -> Tensor | None:
+        return None if self.feats is None else self.feats[self.start[b]: self.start[b] + self.sizes[b]]
+
+
+PACK_SAVING = 1
+"""Run packed whenever that skips a padding row. Measured on SmolLM2, 2 CPU cores, context 200, one
+tree of k nodes beside plain steps: B = 4, k = 2: 47.3 ms packed, 48.7 padded; k = 17: 80.8 and
+172.2. B = 16, k = 2: 82.7 and 112.0; k = 17: 117.1 and 544.9 (`PackedLayout`: attention per group
+of one width, the cache read in place, no padded logits)."""
 
 
 def _real_rows(tree: TreeBatch, device: torch.device) -> Tensor | None:
@@ -157,6 +183,35 @@ def _real_rows(tree: TreeBatch, device: torch.device) -> Tensor | None:
         return None
     real = torch.arange(n)[None, :] < tree.num_nodes[:, None]        # [B, N]
     return real.flatten().nonzero().squeeze(1).to(device)
+
+
+def pack_layout(layout: StepLayout, tree: TreeBatch, rows: Tensor) -> PackedLayout:
+    """The packed forward's layout: each real row's cache place and rotary tables, and two attention
+    groups, the sequences verifying no draft (one query each) and the others (padded to their widest tree)."""
+    b, n = tree.tokens.shape
+    flat_rows = rows.cpu()
+    seq_of_row = flat_rows // n                                       # [T]
+    cos = layout.cos.reshape(b * n, 1, -1)[rows]                      # [T, 1, hd]
+    sin = layout.sin.reshape(b * n, 1, -1)[rows]
+    sizes = tree.num_nodes
+    lens = layout.write_pos[:, 0].cpu()                               # [B] committed tokens per sequence
+    groups = []
+    for members in ((sizes == 1).nonzero().squeeze(1), (sizes > 1).nonzero().squeeze(1)):
+        if members.numel() == 0:
+            continue
+        width = int(sizes[members].max())
+        num_keys = int(lens[members].max()) + width
+        local = torch.full((b,), -1, dtype=torch.long)
+        local[members] = torch.arange(members.numel())
+        in_group = local[seq_of_row] >= 0                             # [T]
+        take = in_group.nonzero().squeeze(1)
+        place = local[seq_of_row[take]] * width + flat_rows[take] % n
+        mask = layout.mask[members.to(layout.mask.device), :, :width, :num_keys]
+        dev = rows.device
+        read = slot_read(layout.slots[members.to(dev)], num_keys, mask)
+        groups.append(PackedGroup(read, width, take.to(dev), place.to(dev)))
+    return PackedLayout(layout.slots.cpu()[seq_of_row].to(rows.device), layout.write_pos.reshape(-1)[rows],
+                        cos, sin, groups)
 
 
 def rows_computed(tree: TreeBatch) -> int:
@@ -172,7 +227,7 @@ def _unpack(x: Tensor, rows: Tensor, b: int, n: int) -> Tensor:
     full[rows] = x
     pad = torch.ones(b * n, dtype=torch.bool, device=x.device)
     pad[rows] = False
-    full[pad] = 0
+    full.index_fill_(0, pad.nonzero().squeeze(1), 0)  # whole rows: a broadcast boolean mask is ~10x slower
     return full.view(b, n, -1)
 
 
@@ -195,5 +250,7 @@ def step_layout(tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache, rota
     # The tree's layout is built on the host; the model may live on an accelerator.
     cos, sin = rotary(positions.to(device), dtype)
     single = (int(slots[0]), int(lens[0])) if b == 1 else None  # host sync: view offsets
-    return StepLayout(slots.to(device), write_pos.to(device), num_keys, None if mask is None else mask.to(device),
-                      cos, sin, single)
+    mask = None if mask is None else mask.to(device)
+    slots = slots.to(device)
+    read = None if b == 1 else slot_read(slots, num_keys, mask)
+    return StepLayout(slots, write_pos.to(device), num_keys, mask, read, cos, sin, single)

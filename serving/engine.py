@@ -20,7 +20,7 @@ from drafters.base import Drafter, DraftRequest, Feedback, Prefill
 from drafters.verify import Draft, Verified, verify
 from moe.errors import ContextTooLongError
 from moe.generate import SamplingParams
-from moe.model import LeanDecoder, rows_computed
+from moe.model import LeanDecoder, TreeOutput, rows_computed
 from moe.tree import TreeBatch
 from serving.adaptive import AdaptivePolicy
 
@@ -279,20 +279,18 @@ class Engine:
                                     [[-1] + (d.parents + 1).tolist() for d in drafts])
         slots = [s.slot for s in seqs]
         layers = self.drafter.feature_layers
-        if layers:
-            logits, feats = self.target.forward_features(tree, slots, self.cache, layers)  # [B, N, V], [B, N, F]
-        else:
-            logits, feats = self.target(tree, slots, self.cache), None   # [B, N, V]
+        out: TreeOutput = self.target.forward_features(tree, slots, self.cache, layers, logits_for="rows") \
+            if layers else self.target(tree, slots, self.cache, logits_for="rows")
         t2 = time.perf_counter()
         self._account(seqs, budgets, drafts, tree, t1 - t0, t2 - t1)
 
-        verified = [verify(d, logits[b, : d.size + 1], s.request.params, s.generator)
+        verified = [verify(d, out.logits_of(b), s.request.params, s.generator)
                     for b, (s, d) in enumerate(zip(seqs, drafts))]
         self.cache.commit(slots, [v.path for v in verified])
-        self._feedback(seqs, drafts, verified, tree, logits, feats)
+        self._feedback(seqs, drafts, verified, tree, out)
         now = time.monotonic()
         for b, (s, d, v, n) in enumerate(zip(seqs, drafts, verified, budgets)):
-            outputs.append(self._emit(s, d, v, n, logits[b], now))
+            outputs.append(self._emit(s, d, v, n, out.logits_of(b), now))
         return outputs
 
     def run_to_completion(self) -> list[FinishedRequest]:
@@ -401,21 +399,21 @@ class Engine:
         self.policy.record_step(top, len(seqs), t_draft, [d.size for d, n in zip(drafts, budgets) if n == top])
 
     def _feedback(self, seqs: list[_Sequence], drafts: list[Draft], verified: list[Verified],
-                  tree: TreeBatch, logits: Tensor, feats: Tensor | None) -> None:
+                  tree: TreeBatch, out: TreeOutput) -> None:
         k = self.drafter.needs_topk
-        if not k and feats is None:
+        if not k and out.feats is None:
             self.drafter.observe([])
             return
         fb = []
         # One top-k over the batch when no tree has drafts (the common step at high batch), else per tree.
-        flat = logits[:, 0].topk(k, dim=-1).indices.cpu() if k and tree.width == 1 else None   # [B, k]
+        flat = out.logits.topk(k, dim=-1).indices.cpu() if k and tree.width == 1 else None   # [B, k]
         for b, (s, d, v) in enumerate(zip(seqs, drafts, verified)):
             n = d.size + 1
             if flat is not None:
                 top = flat[b: b + 1]
             else:
-                top = logits[b, :n].topk(k, dim=-1).indices.cpu() if k else torch.zeros(n, 0, dtype=torch.long)
-            fb.append(Feedback(s.seq_id, tree.tokens[b, :n], top, v, None if feats is None else feats[b, :n]))
+                top = out.logits_of(b).topk(k, dim=-1).indices.cpu() if k else torch.zeros(n, 0, dtype=torch.long)
+            fb.append(Feedback(s.seq_id, tree.tokens[b, :n], top, v, out.feats_of(b)))
         self.drafter.observe(fb)
 
     def _emit(self, seq: _Sequence, draft: Draft, v: Verified, budget: int, logits: Tensor,

@@ -88,3 +88,44 @@ def test_ancestors_of_a_known_tree():
     anc = tree.ancestors()[0]
     assert anc[4].nonzero().flatten().tolist() == [0, 1, 4]
     assert anc[6].nonzero().flatten().tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "olmoe"])
+@pytest.mark.parametrize("order", ["in-order", "permuted", "scattered"])
+def test_packed_batch_of_plain_steps_and_trees_equals_each_path_alone(name, order, tiny_model):
+    """Sequences verifying nothing beside deep trees (the packed forward's two attention groups), their
+    slots read in place (in order or permuted) or gathered: every node's logits, in both the padded
+    [B, N, V] and the back-to-back row layout, equal its path decoded alone; the commit keeps the path."""
+    model = load_model(str(tiny_model(name)), with_tokenizer=False).model
+    g = torch.Generator().manual_seed(3)
+    cache = model.new_cache(8, 96)
+    taken = [cache.allocate() for _ in range(8)]
+    use = {"in-order": [0, 1, 2, 3, 4], "permuted": [3, 1, 0, 4, 2], "scattered": [6, 0, 7, 2, 5]}[order]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 21, 4, 15, 30)]
+    slots = [taken[i] for i in use]
+    model(TreeBatch.chains(prompts), slots, cache)
+    cache.commit(slots, [list(range(len(p))) for p in prompts])
+    widths = [1, 6, 1, 1, 9]
+    tokens, parents = [], []
+    for b, w in enumerate(widths):
+        t = TreeBatch.make_dummy(1, w, seed=40 + b, vocab_size=256)
+        tokens.append(t.tokens[0].tolist())
+        parents.append(t.parents[0].tolist())
+    tree = TreeBatch.from_lists(tokens, parents)
+    padded = model(tree, slots, cache)
+    out = model(tree, slots, cache, logits_for="rows")
+    assert out.sizes == widths and out.logits.shape[0] == sum(widths)   # real rows only
+    for b, prompt in enumerate(prompts):
+        assert out.logits_of(b).shape[0] == widths[b]
+        for node in range(widths[b]):
+            want = path_logits(model, prompt, [tokens[b][i] for i in tree.path_to(b, node)])
+            torch.testing.assert_close(padded[b, node], want, atol=TOL, rtol=0)
+            torch.testing.assert_close(out.logits_of(b)[node], want, atol=TOL, rtol=0)
+    # Keep the deepest path of each tree, then one more token: as if decoded from scratch.
+    paths = [tree.path_to(b, int(tree.depths()[b, :w].argmax())) for b, w in enumerate(widths)]
+    cache.commit(slots, paths)
+    nxt = [[11], [12], [13], [14], [15]]
+    cont = model(TreeBatch.chains(nxt), slots, cache, logits_for="last")
+    for b, prompt in enumerate(prompts):
+        history = prompt + [tokens[b][i] for i in paths[b]]
+        torch.testing.assert_close(cont[b], path_logits(model, history, nxt[b]), atol=TOL, rtol=0)
