@@ -84,22 +84,23 @@ class LeanDecoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache,
-                logits_for: Literal["all", "last", "rows"] = "all") -> Tensor:
+                logits_for: Literal["all", "last", "rows"] = "all", heads: list[bool] | None = None) -> Tensor:
         """Run every tree node once; returns logits [B, N, V] ("all"), [B, V] of each tree's last real
         node ("last"), or a `TreeOutput` ("rows": the real nodes' logits back to back, never padded to
         [B, N, V], which is what verification reads; in a batch of 16 with one 16-node tree the
-        padded logits are 256 rows, 50 MB written for 31).
+        padded logits are 256 rows, 50 MB written for 31). With "rows", `heads[b]` False skips the LM
+        head on sequence b's nodes (a prompt chunk prefilled in a decode step needs no logits).
 
         Node keys/values are written after each slot's committed tokens; call `cache.commit`
         with the accepted path to keep them. Nothing is committed here.
         """
-        out = self._run(tree, slots, cache, logits_for, ())
+        out = self._run(tree, slots, cache, logits_for, (), heads)
         return out if logits_for == "rows" else out[0]  # type: ignore[return-value]
 
     @torch.inference_mode()
     def forward_features(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache,
-                         layers: tuple[int, ...], logits_for: Literal["all", "last", "rows"] = "all"
-                         ) -> tuple[Tensor, Tensor]:
+                         layers: tuple[int, ...], logits_for: Literal["all", "last", "rows"] = "all",
+                         heads: list[bool] | None = None) -> tuple[Tensor, Tensor]:
         """`forward`, plus the hidden states leaving each of `layers` at every node: [B, N, len(layers) * D].
 
         This is what a feature-level drafter (EAGLE) reads; the states are taken on the way, so the
@@ -109,10 +110,10 @@ class LeanDecoder(nn.Module):
         bad = [i for i in layers if not 0 <= i < self.cfg.num_layers]
         if bad or not layers:
             raise ValueError(f"feature layers must be within [0, {self.cfg.num_layers}), got {layers}")
-        return self._run(tree, slots, cache, logits_for, layers)  # type: ignore[return-value]
+        return self._run(tree, slots, cache, logits_for, layers, heads)  # type: ignore[return-value]
 
     def _run(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache, logits_for: str,
-             capture: tuple[int, ...]) -> tuple[Tensor, Tensor | None] | "TreeOutput":
+             capture: tuple[int, ...], heads: list[bool] | None = None) -> tuple[Tensor, Tensor | None] | "TreeOutput":
         """The layers over the trees. A batch whose trees differ in size runs packed: every layer but
         attention, and the LM head, see only the real nodes (one long draft in a batch of short ones
         no longer costs the whole batch its width). Padding rows of the logits are 0."""
@@ -139,7 +140,15 @@ class LeanDecoder(nn.Module):
                 start = [0] * b
                 for i in range(1, b):
                     start[i] = start[i - 1] + sizes[i - 1]
-            return TreeOutput(self.lm_head(self.norm(x)).float(), feats, start, sizes)
+            if heads is None or all(heads):
+                return TreeOutput(self.lm_head(self.norm(x)).float(), feats, start, sizes, start)
+            keep = [torch.arange(start[i], start[i] + sizes[i]) for i in range(b) if heads[i]]
+            logit_start, at = [], 0
+            for i in range(b):
+                logit_start.append(at if heads[i] else -1)
+                at += sizes[i] if heads[i] else 0
+            x = x[torch.cat(keep).to(dev)] if keep else x[:0]
+            return TreeOutput(self.lm_head(self.norm(x)).float(), feats, start, sizes, logit_start)
         if rows is not None and feats is not None:
             feats = _unpack(feats, rows, b, n)
         if logits_for == "last":
@@ -156,14 +165,17 @@ class LeanDecoder(nn.Module):
 class TreeOutput:
     """What a verification forward gives the engine: rows of every sequence's tree nodes, back to back."""
 
-    logits: Tensor              # [R, V] fp32; with trees of one node each, R = B and row b is sequence b
+    logits: Tensor              # [R', V] fp32; with trees of one node each, R' = B and row b is sequence b
     feats: Tensor | None        # [R, F] the captured layers' hidden states, or None
-    start: list[int]            # row of each sequence's root
+    start: list[int]            # row of each sequence's root in `feats`
     sizes: list[int]            # its tree's nodes
+    logit_start: list[int]      # row of its root in `logits`; -1 where its logits were skipped
 
     def logits_of(self, b: int) -> Tensor:
         """[n_b, V] logits of sequence b's nodes."""
-        return self.logits[self.start[b]: self.start[b] + self.sizes[b]]
+        if self.logit_start[b] < 0:
+            raise ValueError(f"sequence {b} was run without its logits")
+        return self.logits[self.logit_start[b]: self.logit_start[b] + self.sizes[b]]
 
     def feats_of(self, b: int) -> Tensor | None:
         return None if self.feats is None else self.feats[self.start[b]: self.start[b] + self.sizes[b]]
@@ -176,18 +188,40 @@ tree of k nodes beside plain steps: B = 4, k = 2: 47.3 ms packed, 48.7 padded; k
 of one width, the cache read in place, no padded logits)."""
 
 
+def packs(tree: TreeBatch) -> bool:
+    """Whether a forward over `tree` runs packed (see PACK_SAVING)."""
+    return tree.batch_size > 1 and tree.batch_size * tree.width - int(tree.num_nodes.sum()) >= PACK_SAVING
+
+
 def _real_rows(tree: TreeBatch, device: torch.device) -> Tensor | None:
-    """Flat indices b * N + i of the real nodes, or None when packing would not pay (see PACK_SAVING)."""
+    """Flat indices b * N + i of the real nodes, or None when the forward runs padded."""
     n = tree.width
-    if tree.batch_size == 1 or tree.batch_size * n - int(tree.num_nodes.sum()) < PACK_SAVING:  # host sync
+    if not packs(tree):  # host sync
         return None
     real = torch.arange(n)[None, :] < tree.num_nodes[:, None]        # [B, N]
     return real.flatten().nonzero().squeeze(1).to(device)
 
 
+def attention_groups(sizes: list[int]) -> list[list[int]]:
+    """Sequences (by batch index) that attend together, each group padded to its widest tree: those of
+    one node apart (a plain step's one query), the others by size, a group growing while padding stays
+    under half its work (draft trees of a few nodes do not attend padded to a 128-token prompt chunk)."""
+    plain = [b for b, n in enumerate(sizes) if n == 1]
+    groups: list[list[int]] = [plain] if plain else []
+    current: list[int] = []
+    for b in sorted((b for b, n in enumerate(sizes) if n > 1), key=lambda b: sizes[b]):
+        if current and sizes[b] * (len(current) + 1) > 1.5 * (sum(sizes[i] for i in current) + sizes[b]) + 32:
+            groups.append(current)
+            current = []
+        current.append(b)
+    if current:
+        groups.append(current)
+    return [sorted(g) for g in groups]
+
+
 def pack_layout(layout: StepLayout, tree: TreeBatch, rows: Tensor) -> PackedLayout:
-    """The packed forward's layout: each real row's cache place and rotary tables, and two attention
-    groups, the sequences verifying no draft (one query each) and the others (padded to their widest tree)."""
+    """The packed forward's layout: each real row's cache place and rotary tables, and the attention
+    groups (`attention_groups`: the sequences verifying no draft attend with one query each)."""
     b, n = tree.tokens.shape
     flat_rows = rows.cpu()
     seq_of_row = flat_rows // n                                       # [T]
@@ -196,11 +230,10 @@ def pack_layout(layout: StepLayout, tree: TreeBatch, rows: Tensor) -> PackedLayo
     sizes = tree.num_nodes
     lens = layout.write_pos[:, 0].cpu()                               # [B] committed tokens per sequence
     groups = []
-    for members in ((sizes == 1).nonzero().squeeze(1), (sizes > 1).nonzero().squeeze(1)):
-        if members.numel() == 0:
-            continue
+    for members in attention_groups(sizes.tolist()):
+        members = torch.tensor(members, dtype=torch.long)
         width = int(sizes[members].max())
-        num_keys = int(lens[members].max()) + width
+        num_keys = int((lens[members] + sizes[members]).max())  # keys past a sequence's own nodes are masked
         local = torch.full((b,), -1, dtype=torch.long)
         local[members] = torch.arange(members.numel())
         in_group = local[seq_of_row] >= 0                             # [T]
@@ -216,9 +249,7 @@ def pack_layout(layout: StepLayout, tree: TreeBatch, rows: Tensor) -> PackedLayo
 
 def rows_computed(tree: TreeBatch) -> int:
     """Rows the layers compute for `tree`: the real nodes when it runs packed, else the padded batch."""
-    padded = tree.batch_size * tree.width
-    real = int(tree.num_nodes.sum())
-    return real if tree.batch_size > 1 and padded - real >= PACK_SAVING else padded
+    return int(tree.num_nodes.sum()) if packs(tree) else tree.batch_size * tree.width
 
 
 def _unpack(x: Tensor, rows: Tensor, b: int, n: int) -> Tensor:
@@ -236,7 +267,8 @@ def step_layout(tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache, rota
     """The layout one forward over `tree` shares across layers (the lean decoder's and the EAGLE head's)."""
     slots = torch.as_tensor(slots, dtype=torch.long)
     b, n = tree.tokens.shape
-    cache.check_room(slots, n)
+    # Packed, only real nodes are written: a slot near its end may sit beside a wider tree.
+    cache.check_room(slots, tree.num_nodes if packs(tree) else n)
     lens = cache.lens[slots]                                          # [B]
     write_pos = lens[:, None] + torch.arange(n)                       # [B, N]
     num_keys = int(lens.max()) + n  # host sync: sizes the key window

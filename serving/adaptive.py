@@ -129,24 +129,25 @@ class AdaptivePolicy:
             return measured
         return self.draft_cost_hint * s * self.target_cost.predict(batch)
 
-    def _plan(self, seq_ids: list[int], s: int) -> tuple[float, list[bool]]:
+    def _plan(self, seq_ids: list[int], s: int, extra: int = 0) -> tuple[float, list[bool]]:
         """(expected tokens per second, which sequences draft) for budget s.
 
         The target runs only the real tree nodes (moe.model packs the rows), so the step costs
         t_target(B + sum of the drafting sequences' w_b(s)). A sequence drafts when its draft is
         accepted at all (a_b(s) >= 5% of s) and its expected tokens at least pay for its rows at the
         step's rate, with the policy's margin: a_b(s) >= (1 + margin) * rate * (t(rows) - t(rows - w_b(s))).
+        `extra` rows ride in the same forward (prompt chunks: serving.engine.Engine._riders).
         """
         b = len(seq_ids)
         if s == 0:
-            return b / max(self.target_cost.predict(b), 1e-9), [False] * b
+            return b / max(self.target_cost.predict(b + extra), 1e-9), [False] * b
         acc = [self.expected_accepted(i, s) for i in seq_ids]
         size = [self.expected_size(i, s) for i in seq_ids]
         on = [a >= 0.05 * s and w > 0 for a, w in zip(acc, size)]
         draft = self._draft_seconds(s, b)
 
         def rate(on: list[bool]) -> tuple[float, float]:
-            rows = b + sum(w for w, o in zip(size, on) if o)
+            rows = b + extra + sum(w for w, o in zip(size, on) if o)
             return (b + sum(a for a, o in zip(acc, on) if o)) / max(self.target_cost.predict(round(rows)) + draft,
                                                                     1e-9), rows
         r, rows = rate(on)
@@ -157,16 +158,16 @@ class AdaptivePolicy:
             return 0.0, on
         return rate(on)[0], on
 
-    def choose(self, seq_ids: list[int]) -> list[int]:
-        """Draft size per sequence for this step."""
+    def choose(self, seq_ids: list[int], extra_rows: int = 0) -> list[int]:
+        """Draft size per sequence for this step (`extra_rows` other rows ride in its forward)."""
         self.steps += 1
         b = len(seq_ids)
         if not self.menu or b == 0:
             return [0] * b
-        plain, _ = self._plan(seq_ids, 0)
+        plain, _ = self._plan(seq_ids, 0, extra_rows)
         best_s, best_rate, best_on = 0, plain * (1.0 + self.margin), [False] * b
         for s in self.menu:
-            rate, on = self._plan(seq_ids, s)
+            rate, on = self._plan(seq_ids, s, extra_rows)
             if rate > best_rate:
                 best_s, best_rate, best_on = s, rate, on
         if self.estimator is None and self.explore_every and self.steps % self.explore_every == 0:

@@ -61,6 +61,9 @@ class ServeConfig:
     prefill_chunk: int = 128
     """Prompt tokens prefilled per engine step while other sequences decode (0: whole prompts at once;
     serving.engine.EngineConfig.prefill_chunk)."""
+    prefill_stall: float = 1.5
+    """A prompt chunk rides in the decode step, sized so the step takes at most this multiple of a
+    plain one (0: chunks as forwards of their own; serving.engine.EngineConfig.prefill_stall)."""
     max_len: int | None = 2048
     """Positions per sequence, prompt included, capped by the model's context (None: the whole
     context). The KV cache holds max_batch x max_len positions from the start: SmolLM2's 8192
@@ -69,6 +72,10 @@ class ServeConfig:
     """Requests queued for a slot beyond which a replica answers 429 with Retry-After."""
     default_max_tokens: int = 256
     """max_tokens when a request does not say."""
+    stream_interval: int = 1
+    """Streamed responses send a chunk once this many new tokens are ready (1: every engine step's
+    tokens as they come; larger: fewer hops through Ray per token, coarser streams; SGLang's
+    --stream-interval). The first and the last chunk are never held."""
     calibrate: bool = True
     """Time a few target forwards at start to seed the adaptive policy's cost model."""
     events_url: str | None = None
@@ -116,9 +123,11 @@ class ServeConfig:
                       eagle_min_confidence=self.eagle_min_confidence, kernels=self.kernels)
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
+        if self.prefill_stall != 0 and self.prefill_stall <= 1:
+            raise ValueError(f"prefill_stall must be 0 (off) or > 1, got {self.prefill_stall}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        for name in ("max_batch", "max_waiting", "default_max_tokens", "draft_layers"):
+        for name in ("max_batch", "max_waiting", "default_max_tokens", "draft_layers", "stream_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len is not None and self.max_len < 2:

@@ -44,7 +44,12 @@ class EngineConfig:
     prefill_chunk: int = 128
     """Prompt tokens prefilled per step while other sequences decode: a long prompt is prefilled in
     chunks interleaved with their decode steps, so their inter-token latency stays even. With
-    nothing decoding, prompts are prefilled whole. 0: always whole."""
+    nothing decoding, prompts go in by forwards of this many tokens. 0: always whole."""
+    prefill_stall: float = 1.5
+    """While sequences decode, a prompt chunk rides in their step's own forward (vLLM's mixed
+    batches), sized from the measured cost curve so that the step is predicted to take at most this
+    multiple of the step without it (at least `MIN_RIDE` tokens, at most prefill_chunk). 0: chunks of
+    prefill_chunk run as forwards of their own before the step, which then waits for them."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -57,6 +62,12 @@ class EngineConfig:
             raise ValueError(f"topk_log must be >= 0, got {self.topk_log}")
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
+        if self.prefill_stall != 0 and self.prefill_stall <= 1:
+            raise ValueError(f"prefill_stall must be 0 (off) or > 1, got {self.prefill_stall}")
+
+
+MIN_RIDE = 8
+"""Prompt tokens a decode step carries at least while a prompt waits (so it always progresses)."""
 
 
 @dataclass(frozen=True)
@@ -266,7 +277,8 @@ class Engine:
         seqs = [s for s in self.running.values() if s.ready]
         if not seqs:
             return outputs
-        budgets = self._budgets(seqs)
+        riders = self._riders(len(seqs))  # prompt chunks that ride in this step's forward
+        budgets = self._budgets(seqs, sum(n for _, n in riders))
         requests = [DraftRequest(s.seq_id, s.history, n, s.request.params, s.generator, s.request.domain)
                     for s, n in zip(seqs, budgets)]
         t0 = time.perf_counter()
@@ -275,18 +287,23 @@ class Engine:
         for d, n in zip(drafts, budgets):
             if d.size > n:
                 raise RuntimeError(f"drafter {self.drafter.name} proposed {d.size} nodes over a budget of {n}")
-        tree = TreeBatch.from_lists([[s.history[-1]] + d.tokens.tolist() for s, d in zip(seqs, drafts)],
-                                    [[-1] + (d.parents + 1).tolist() for d in drafts])
-        slots = [s.slot for s in seqs]
+        tree = TreeBatch.from_lists(
+            [[s.history[-1]] + d.tokens.tolist() for s, d in zip(seqs, drafts)]
+            + [s.history[s.prefilled: s.prefilled + n] for s, n in riders],
+            [[-1] + (d.parents + 1).tolist() for d in drafts] + [list(range(-1, n - 1)) for _, n in riders])
+        slots = [s.slot for s in seqs] + [s.slot for s, _ in riders]
+        heads = [True] * len(seqs) + [False] * len(riders)   # a prompt chunk needs no logits
         layers = self.drafter.feature_layers
-        out: TreeOutput = self.target.forward_features(tree, slots, self.cache, layers, logits_for="rows") \
-            if layers else self.target(tree, slots, self.cache, logits_for="rows")
+        out: TreeOutput = self.target.forward_features(tree, slots, self.cache, layers, logits_for="rows",
+                                                       heads=heads) \
+            if layers else self.target(tree, slots, self.cache, logits_for="rows", heads=heads)
         t2 = time.perf_counter()
         self._account(seqs, budgets, drafts, tree, t1 - t0, t2 - t1)
 
         verified = [verify(d, out.logits_of(b), s.request.params, s.generator)
                     for b, (s, d) in enumerate(zip(seqs, drafts))]
-        self.cache.commit(slots, [v.path for v in verified])
+        self.cache.commit(slots, [v.path for v in verified] + [list(range(n)) for _, n in riders])
+        self._prefilled(riders, [out.feats_of(len(seqs) + j) for j in range(len(riders))] if layers else None)
         self._feedback(seqs, drafts, verified, tree, out)
         now = time.monotonic()
         for b, (s, d, v, n) in enumerate(zip(seqs, drafts, verified, budgets)):
@@ -340,9 +357,46 @@ class Engine:
             if not pending:
                 return
             decoding = len(pending) < len(self.running)
+            if decoding and self.cfg.prefill_stall and self.cfg.prefill_chunk:
+                return  # the chunks ride in the decode step's forward (`_riders`)
             self._prefill_chunks(pending, decoding)
             if decoding:
                 return
+
+    def _riders(self, batch: int) -> list[tuple[_Sequence, int]]:
+        """(sequence, prompt tokens) to prefill inside this step's forward, oldest request first.
+
+        The chunk is the largest (at most prefill_chunk, at least MIN_RIDE) whose step the cost model
+        predicts at no more than prefill_stall times the plain decode step of the `batch` sequences."""
+        pending = [s for s in self.running.values() if not s.ready]
+        if not pending or not (self.cfg.prefill_stall and self.cfg.prefill_chunk):
+            return []
+        cost = self.policy.target_cost
+        bound = self.cfg.prefill_stall * cost.predict(batch)
+        budget = self.cfg.prefill_chunk
+        while budget > MIN_RIDE and cost.predict(batch + budget) > bound:
+            budget -= 1 if budget <= 32 else budget // 8
+        riders = []
+        for s in pending:
+            n = min(len(s.request.prompt_ids) - 1 - s.prefilled, budget)
+            if n > 0:
+                riders.append((s, n))
+                budget -= n
+            if budget <= 0:
+                break
+        return riders
+
+    def _prefilled(self, riders: list[tuple[_Sequence, int]], feats: list[Tensor | None] | None) -> None:
+        """Prompt chunks that rode in a step are in the cache: advance them, and hand a feature-reading
+        drafter their hidden states."""
+        if feats is not None:
+            self.drafter.observe_prefill([
+                Prefill(s.seq_id, s.request.domain, f,
+                        torch.tensor(s.history[s.prefilled + 1: s.prefilled + n + 1], dtype=torch.long))
+                for (s, n), f in zip(riders, feats)])
+        for s, n in riders:
+            s.prefilled += n
+            self.stats.prefill_tokens += n
 
     def _prefill_chunks(self, pending: list[_Sequence], decoding: bool) -> None:
         limit = self.cfg.prefill_chunk or None
@@ -378,9 +432,10 @@ class Engine:
             self.stats.prefill_forwards += 1
             self.stats.prefill_tokens += sum(n for _, n in group)
 
-    def _budgets(self, seqs: list[_Sequence]) -> list[int]:
+    def _budgets(self, seqs: list[_Sequence], extra_rows: int = 0) -> list[int]:
         spec = self.cfg.speculation
-        wanted = self.policy.choose([s.seq_id for s in seqs]) if spec == "adaptive" else [spec] * len(seqs)
+        wanted = self.policy.choose([s.seq_id for s in seqs], extra_rows) if spec == "adaptive" \
+            else [spec] * len(seqs)
         out = []
         for s, n in zip(seqs, wanted):
             # No deeper than the tokens still allowed, and the tree must fit the cache slot.

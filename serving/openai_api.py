@@ -246,8 +246,9 @@ class Completer:
 
     def __init__(self, service: Any, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256,
                  replica_id: str = "local", target_version: str = "",
-                 route: Callable[[tuple[int, ...]], str | None] | None = None):
+                 route: Callable[[tuple[int, ...]], str | None] | None = None, stream_interval: int = 1):
         self.service = service
+        self.stream_interval = stream_interval  # tokens per streamed chunk (serving.config.ServeConfig)
         self.route = route  # prompt ids -> traffic domain, for requests without metadata.domain
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -404,6 +405,8 @@ class _Output:
 
         if self.kind == "chat":
             yield sse(self._chunk({"role": "assistant", "content": ""}, None))
+        held = 0  # tokens received since the last chunk sent (held back below the stream interval)
+        sent_any = False
         async for item in self._items():
             if isinstance(item, Failed):
                 err = self._error(item)
@@ -419,9 +422,13 @@ class _Output:
                 yield sse({**self._object("", item, chunk=True, choices=False)})
                 break
             self.ids += item.tokens
+            held += len(item.tokens)
+            if sent_any and held < self.c.stream_interval:
+                continue
             delta = self._text(False, None)
             if delta:
                 yield sse(self._chunk({"content": delta} if self.kind == "chat" else delta, None))
+                held, sent_any = 0, True
         yield sse("[DONE]")
 
     # ---- OpenAI shapes -------------------------------------------------------------------------

@@ -433,7 +433,8 @@ class Replica:
         policy = cfg.policy
         spec = policy.speculation if policy.speculation is not None else cfg.speculation
         ecfg = EngineConfig(max_batch=cfg.max_batch, max_len=max_len, speculation=spec,
-                            calibrate=cfg.calibrate and spec == "adaptive", prefill_chunk=cfg.prefill_chunk)
+                            calibrate=cfg.calibrate and spec == "adaptive", prefill_chunk=cfg.prefill_chunk,
+                            prefill_stall=cfg.prefill_stall)
         dcfg = DrafterConfig(cfg.drafter, draft_layers=min(cfg.draft_layers, loaded.config.num_layers),
                              draft_mode=cfg.draft_mode, eagle_min_confidence=cfg.eagle_min_confidence,
                              fallback=cfg.fallback, kernels=cfg.kernels)
@@ -460,7 +461,8 @@ class Replica:
         # Requests without metadata.domain are routed by the trainer's learned router (Redis blob).
         self.router = RouterFromBus(self.bus) if self.bus is not None and cfg.domain_lineages else None
         self.completer = Completer(self.service, tok, cfg.model_id, default_max_tokens=cfg.default_max_tokens,
-                                   replica_id=self.replica_id, target_version=loaded.name, route=self.router)
+                                   replica_id=self.replica_id, target_version=loaded.name, route=self.router,
+                                   stream_interval=cfg.stream_interval)
         self.heartbeats = self._heartbeats(cfg) if self.bus is not None else None
         mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "") if cfg.mlflow_uri is None else cfg.mlflow_uri
         self.swapper = None

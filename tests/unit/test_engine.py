@@ -314,13 +314,17 @@ def test_merged_trees_share_common_paths_and_respect_the_budget():
         merge_trees([Draft.chain([1], q=torch.ones(2, 4) / 4)], budget=3)
 
 
-def _stream_while_long_prompts_arrive(target, drafter, chunk: int) -> tuple[dict, list[int], list[int]]:
+def _stream_while_long_prompts_arrive(target, drafter, chunk: int, stall: float = 1.5,
+                                      engine_out: list | None = None, calls=None) -> tuple[dict, list[int], list[int]]:
     """A running stream; two long prompts arrive at its third step. Returns the finished requests by
     id, the prompt tokens prefilled at each step, and the tokens the stream got at each step."""
     g = torch.Generator().manual_seed(5)
     short = torch.randint(256, (6,), generator=g).tolist()
     longs = [torch.randint(256, (n,), generator=g).tolist() for n in (200, 150)]
-    engine = Engine(target, drafter, EngineConfig(max_batch=4, max_len=512, speculation=3, prefill_chunk=chunk))
+    engine = Engine(target, drafter, EngineConfig(max_batch=4, max_len=512, speculation=3, prefill_chunk=chunk,
+                                                  prefill_stall=stall))
+    if engine_out is not None:
+        engine_out.append(engine)
     engine.add_request(Request("stream", tuple(short), SamplingParams(max_new_tokens=60)))
     got, prefilled, streamed = {}, [], []
     while engine.has_work():
@@ -332,6 +336,8 @@ def _stream_while_long_prompts_arrive(target, drafter, chunk: int) -> tuple[dict
         if len(prefilled) == 3:
             for i, p in enumerate(longs):
                 engine.add_request(Request(f"long{i}", tuple(p), SamplingParams(max_new_tokens=10)))
+    if calls is not None:
+        calls.remove()  # the engine's forwards only, not the reference decoding below
     refs = {"stream": short, "long0": longs[0], "long1": longs[1]}
     for rid, p in refs.items():
         limit = 60 if rid == "stream" else 10
@@ -341,7 +347,7 @@ def _stream_while_long_prompts_arrive(target, drafter, chunk: int) -> tuple[dict
 
 def test_long_prompts_are_prefilled_in_chunks_between_the_running_streams_steps(tiny_model):
     target = load_model(str(tiny_model("llama")), with_tokenizer=False).model
-    _, prefilled, streamed = _stream_while_long_prompts_arrive(target, PromptLookup(), chunk=32)
+    _, prefilled, streamed = _stream_while_long_prompts_arrive(target, PromptLookup(), chunk=32, stall=0)
     assert prefilled[0] == 5 and prefilled[1:3] == [0, 0]  # the stream's own prompt, whole: nothing else ran
     # From the arrival: 32 prompt tokens a step, oldest request first, until both are in (199 + 149).
     assert prefilled[3:3 + 11] == [32] * 10 + [199 + 149 - 320] and sum(prefilled[3:]) == 199 + 149
@@ -362,6 +368,28 @@ def test_long_prompts_are_prefilled_in_chunks_between_the_running_streams_steps(
             break
         outs = engine.step()
     assert done["alone"] == tuple(generate(target, prompt, SamplingParams(max_new_tokens=6)))
+
+
+def test_prompt_chunks_ride_in_the_decode_steps_forward(tiny_model):
+    """With prefill_stall, the long prompts go in inside the stream's own steps: every step from the
+    arrival carries between MIN_RIDE and prefill_chunk prompt tokens (oldest first) and emits stream
+    tokens, no forward runs for the prefill alone, and every output equals the target's own (checked
+    inside, speculating 3 deep beside the chunks)."""
+    from serving.engine import MIN_RIDE
+
+    target = load_model(str(tiny_model("llama")), with_tokenizer=False).model
+    calls = _count_forwards(target)
+    engines: list = []
+    _, prefilled, streamed = _stream_while_long_prompts_arrive(target, PromptLookup(), chunk=32, stall=1.5,
+                                                               engine_out=engines, calls=calls)
+    engine = engines[0]
+    ride = prefilled[3:]
+    ride = ride[: next((i for i, n in enumerate(ride) if n == 0), len(ride))]
+    assert sum(ride) == 199 + 149 == sum(prefilled[3:])
+    assert all(n <= 32 for n in ride) and all(n >= MIN_RIDE for n in ride[:-1])
+    assert all(n >= 1 for n in streamed[3:3 + len(ride)])
+    assert engine.stats.prefill_forwards == 1  # the stream's own prompt, alone before anything decoded
+    assert calls.count == engine.stats.steps + 1
 
 
 def test_a_feature_drafter_sees_the_same_features_chunked_or_whole(tiny_model):

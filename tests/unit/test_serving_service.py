@@ -396,3 +396,38 @@ def test_unlabelled_requests_are_routed_by_the_router_the_trainer_published(targ
             service.close()
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_stream_interval_groups_tokens_per_chunk_and_loses_none(target, interval):
+    """A chunk once `interval` tokens are ready (the first never held): with plain decoding, one
+    token per step, 13 tokens make 1 + ceil(12 / interval) content chunks, and their text is the
+    non-streamed completion's."""
+    import json
+
+    from serving.openai_api import Completer
+
+    _, model = target
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    service = EngineService(Engine(model, NoDrafter(), EngineConfig(max_batch=2, max_len=256, speculation=0)))
+    completer = Completer(service, Tok(), "tiny", stream_interval=interval)
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 13, "temperature": 0}
+
+    async def run():
+        lines = [x async for x in completer.generate("completion", {**body, "stream": True})][1:]
+        whole = [x async for x in completer.generate("completion", body)][0].body
+        return lines, whole
+
+    try:
+        lines, whole = asyncio.run(run())
+    finally:
+        service.close()
+    chunks = [json.loads(line[len("data: "):]) for line in lines if line != "data: [DONE]\n\n"]
+    texts = [c["choices"][0]["text"] for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"] is None]
+    assert len(texts) == 1 + -(-12 // interval)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == whole["choices"][0]["text"]
+    assert len(whole["choices"][0]["text"]) == 13

@@ -129,3 +129,20 @@ def test_packed_batch_of_plain_steps_and_trees_equals_each_path_alone(name, orde
     for b, prompt in enumerate(prompts):
         history = prompt + [tokens[b][i] for i in paths[b]]
         torch.testing.assert_close(cont[b], path_logits(model, history, nxt[b]), atol=TOL, rtol=0)
+
+
+def test_a_nearly_full_slot_beside_a_wide_tree(tiny_model):
+    """Packed, only real nodes are written and read: a sequence one position from the end of its slot
+    verifies beside a 9-node tree (padded, it would need 9 positions)."""
+    model = load_model(str(tiny_model("llama")), with_tokenizer=False).model
+    g = torch.Generator().manual_seed(8)
+    cache = model.new_cache(2, 40)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (39, 5)]
+    slots = prefill(model, cache, prompts)
+    wide = TreeBatch.make_dummy(1, 9, seed=2, vocab_size=256)
+    tree = TreeBatch.from_lists([[17], wide.tokens[0].tolist()], [[-1], wide.parents[0].tolist()])
+    out = model(tree, slots, cache, logits_for="rows")
+    torch.testing.assert_close(out.logits_of(0)[0], path_logits(model, prompts[0], [17]), atol=TOL, rtol=0)
+    for node in range(9):
+        path = [int(tree.tokens[1, i]) for i in tree.path_to(1, node)]
+        torch.testing.assert_close(out.logits_of(1)[node], path_logits(model, prompts[1], path), atol=TOL, rtol=0)
