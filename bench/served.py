@@ -60,7 +60,7 @@ async def http_run(url: str, model: str, text: str, max_tokens: int) -> tuple[fl
     return r["latency"], r["tokens"]
 
 
-def start_ray(model: str, threads: int, speculation: int | str, drafter: str, port: int) -> str:
+def start_ray(model: str, threads: int, speculation: int | str, drafter: str, port: int, stream_interval: int = 1) -> str:
     import ray
     from ray import serve
 
@@ -69,7 +69,8 @@ def start_ray(model: str, threads: int, speculation: int | str, drafter: str, po
     ray.init(num_cpus=threads, include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(dict(model=model, drafter=drafter, speculation=speculation, max_batch=1, events_url="",
-                         redis_url="", mlflow_uri="", num_replicas=1, num_cpus=threads))
+                         redis_url="", mlflow_uri="", num_replicas=1, num_cpus=threads,
+                         stream_interval=stream_interval))
     serve.run(app, name="spectutor", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -100,6 +101,7 @@ def main() -> int:
     ap.add_argument("--speculation", default="0", help="0 (plain decoding: the overhead alone), a size, or adaptive")
     ap.add_argument("--drafter", default="hybrid")
     ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk (http and ray)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     speculation = args.speculation if args.speculation == "adaptive" else int(args.speculation)
@@ -117,13 +119,13 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     texts = [p.text for p in islice(sharegpt_prompts("heldout"), args.prompts)]
-    ray_url = start_ray(args.model, args.threads, speculation, args.drafter, args.port)
+    ray_url = start_ray(args.model, args.threads, speculation, args.drafter, args.port, args.stream_interval)
     loaded = load_model(args.model)
     ecfg = EngineConfig(max_batch=1, max_len=2048, speculation=speculation)
     drafter = build_drafter(DrafterConfig(args.drafter), args.model, loaded.config.vocab_size, 1, 2048,
                             loaded.config, target=loaded.model)
     engine = Engine(loaded.model, drafter, ecfg, loaded.eos_token_ids)
-    replica, server, http_url = start_local(args.model, args.drafter, 1)
+    replica, server, http_url = start_local(args.model, args.drafter, 1, args.stream_interval)
     replica.reconfigure(SwapPolicy(follow=False, speculation=speculation))  # the operators' path
     model_id = replica.cfg.model_id
     seconds = {p: 0.0 for p in PATHS}
@@ -152,6 +154,7 @@ def main() -> int:
         ray.shutdown()
     tps = {p: sum(tokens[p]) / seconds[p] for p in PATHS}
     result = {"model": args.model, "threads": args.threads, "speculation": args.speculation, "drafter": args.drafter,
+              "stream_interval": args.stream_interval,
               "prompts": len(texts), "max_tokens": args.max_tokens, "machine": torch_machine(),
               "kernels": loaded.kernels.as_dict(), "tokens_per_s": tps,
               "ms_per_token": {p: 1e3 * seconds[p] / sum(tokens[p]) for p in PATHS},
@@ -159,7 +162,7 @@ def main() -> int:
               "same_token_counts": tokens["engine"] == tokens["http"] == tokens["ray"],
               "tokens": tokens}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "served"
+    stem = args.out / ("served" if args.stream_interval == 1 else f"served-interval{args.stream_interval}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     print(", ".join(f"{p} {tps[p]:.2f} tok/s ({result['ms_per_token'][p]:.1f} ms/token)" for p in PATHS))

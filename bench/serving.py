@@ -124,7 +124,7 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))], 4)
 
 
-def start_local(model: str, drafter: str, max_batch: int):
+def start_local(model: str, drafter: str, max_batch: int, stream_interval: int = 1):
     """The Replica behind the FastAPI app on uvicorn, on a free loopback port."""
     import socket
 
@@ -135,7 +135,7 @@ def start_local(model: str, drafter: str, max_batch: int):
     from serving.service import Replica
 
     replica = Replica(ServeConfig(model=model, drafter=drafter, max_batch=max_batch, max_waiting=256,
-                                  events_url="", redis_url="", mlflow_uri=""))
+                                  events_url="", redis_url="", mlflow_uri="", stream_interval=stream_interval))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
