@@ -2,8 +2,10 @@
 
 P parts (drafters), b a draft budget, a_p(b) expected accepted draft tokens of part p at budget b.
 The engine's adaptive policy picks each step's budget; the controller picks, for every sequence,
-the part that maximises (1 + a_p(b)) / (t_step + c_p): expected tokens per second of the step, with
-t_step the measured time between steps and c_p the part's measured seconds per proposal.
+the part that maximises (1 + a_p(b)) / (t_step + c_p + r * w_p(b)): expected tokens per second of
+the step, with t_step the measured time between steps, c_p the part's measured seconds per
+proposal, w_p(b) the nodes its tree brings and r what a verified node costs at the batch's rows
+(the policy's measured width curve, `price_rows`).
 
 a_p(b) is learned from the history itself: a proposed tree is matched against the tokens the
 target then emitted (the longest root path that the continuation follows). For the drafted tree
@@ -133,6 +135,7 @@ class Controller:
         self.calibration_ema = 0.1
         self._seconds = [Ema() for _ in parts]                        # seconds per proposal, per part
         self._step = Ema()                                            # seconds between two propose() calls
+        self._row_seconds = 0.0                                       # one more verified node, this step
         self._last_call: float | None = None
         self.drafted = [0] * len(parts)                               # sequences drafted, per part
         self.shadowed = [0] * len(parts)                              # shadow proposals, per part
@@ -208,10 +211,8 @@ class Controller:
         plan = self._plans.get(key)
         if plan is None:
             part = self._best(seq_id, budget)
-            judged = self._clamp(part, budget)
-            size = self._sizes.get((part, judged))
             plan = self._plans[key] = (self.expected_accepted(seq_id, part, budget) * self.calibration(budget),
-                                       size.mean if size is not None and size.count else float(judged))
+                                       self._nodes(part, budget))
         return plan
 
     def _calibration_key(self, budget: int) -> int:
@@ -242,6 +243,11 @@ class Controller:
         """Draft nodes the part the controller would pick proposes at `budget` (for the policy's cost)."""
         return self._plan(seq_id, budget)[1]
 
+    def price_rows(self, seconds: float) -> None:
+        """What one more verified node costs this step (the policy's measured width curve at the batch's rows)."""
+        self._row_seconds = seconds
+        self._plans.clear()
+
     def _draft_seconds(self, part: int) -> float:
         s = self._seconds[part]
         return s.mean if s.count else self.parts[part].cost_hint * self._step.mean
@@ -254,10 +260,19 @@ class Controller:
             return min(self._costly, key=lambda i: st.last_tried.get(i, -1))
         return self._best(seq_id, budget)
 
+    def _nodes(self, part: int, budget: int) -> float:
+        """Draft nodes `part` proposes when offered `budget` (measured; the budget until then)."""
+        judged = self._clamp(part, budget)
+        size = self._sizes.get((part, judged))
+        return size.mean if size is not None and size.count else float(judged)
+
     def _best(self, seq_id: int, budget: int) -> int:
+        """The part with the most expected tokens per second: the step, the part's own drafting time,
+        and the verification rows its tree adds (a wide tree that is rarely followed costs the batch)."""
         step, best, rate = self._step.mean, 0, -1.0
         for i in range(len(self.parts)):
-            r = (1.0 + self.expected_accepted(seq_id, i, budget)) / max(step + self._draft_seconds(i), 1e-9)
+            cost = step + self._draft_seconds(i) + self._row_seconds * self._nodes(i, budget)
+            r = (1.0 + self.expected_accepted(seq_id, i, budget)) / max(cost, 1e-9)
             if r > rate:
                 best, rate = i, r
         return best

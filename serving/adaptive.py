@@ -72,6 +72,10 @@ class Estimator(Protocol):
     def expected_size(self, seq_id: int, budget: int) -> float:
         ...
 
+    def price_rows(self, seconds: float) -> None:
+        """What one more verified node costs this step (set before the estimates are asked for)."""
+        ...
+
 
 class AdaptivePolicy:
     """Picks each step's draft size for every sequence from learned acceptance and measured costs."""
@@ -164,6 +168,9 @@ class AdaptivePolicy:
         b = len(seq_ids)
         if not self.menu or b == 0:
             return [0] * b
+        if self.estimator is not None:
+            rows = b + extra_rows
+            self.estimator.price_rows(max(0.0, self.target_cost.predict(rows + 8) - self.target_cost.predict(rows)) / 8)
         plain, _ = self._plan(seq_ids, 0, extra_rows)
         best_s, best_rate, best_on = 0, plain * (1.0 + self.margin), [False] * b
         for s in self.menu:

@@ -191,7 +191,7 @@ def _prefill_groups(chunks: list[tuple[_Sequence, int]]) -> list[list[tuple[_Seq
 
 def _estimator(drafter: Drafter):
     """The drafter itself when it estimates its own acceptance (the controller), else None."""
-    return drafter if hasattr(drafter, "estimate") and hasattr(drafter, "expected_size") else None
+    return drafter if all(hasattr(drafter, m) for m in ("estimate", "expected_size", "price_rows")) else None
 
 
 class Engine:

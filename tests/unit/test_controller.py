@@ -182,6 +182,42 @@ def test_the_cheaper_of_two_equally_good_parts_drafts():
     assert drafted.count("cheap") == 180
 
 
+class _Shaped(_Oracle):
+    """Offered budget b: "wide" drafts the true continuation's first b/2 tokens plus b/2 wrong ones at
+    the root (b/2 accepted, b nodes); "narrow" only the first b/2 - 1 (b/2 - 1 accepted and nodes)."""
+
+    def __init__(self, name: str, truth: list[int], clock: _Clock, wide: bool):
+        super().__init__(name, truth, clock, good=True)
+        self.wide = wide
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        out = []
+        for r in requests:
+            n, half = len(r.history), r.budget // 2
+            chain = self.truth[n:n + (half if self.wide else half - 1)]
+            extra = [10**6 + i for i in range(r.budget - half)] if self.wide else []
+            parents = list(range(-1, len(chain) - 1)) + [-1] * len(extra)
+            out.append(Draft(torch.tensor(chain + extra), torch.tensor(parents)) if chain else Draft.empty())
+        return out
+
+
+@pytest.mark.parametrize("priced", [True, False])
+def test_the_rows_a_tree_adds_are_priced_in_the_choice_of_part(priced, monkeypatch):
+    """One more accepted token does not pay for a tree twice as wide when a verified node costs 1 ms
+    against a 10 ms step (wide at budget 8: 5 tokens in 19 ms, narrow: 4 in 14 ms). Priced, the narrow
+    part drafts; with the rows left out of the choice (the control), the wide one would."""
+    clock, truth = _Clock(), _truth()
+    parts = [_Shaped("wide", truth, clock, wide=True), _Shaped("narrow", truth, clock, wide=False)]
+    stream = _Stream(parts, truth, clock)
+    if not priced:
+        monkeypatch.setattr(stream.ctrl, "price_rows", lambda seconds: None)
+    steps = stream.run(200)
+    drafted = [by for s, by, _ in steps[40:] if s > 0]
+    assert len(drafted) >= 100
+    share = drafted.count("narrow") / len(drafted)
+    assert share >= 0.9 if priced else share <= 0.1
+
+
 def test_a_promoted_part_replaces_its_namesake_and_keeps_the_rest():
     clock, truth = _Clock(), _truth()
     stream = _Stream([_Oracle("a", truth, clock, good=True), _Oracle("b", truth, clock)], truth, clock)
