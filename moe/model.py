@@ -5,6 +5,7 @@ B sequences, N tree nodes per sequence, Lk keys, D hidden, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Literal
 
 import torch
@@ -80,7 +81,7 @@ class LeanDecoder(nn.Module):
     def layout(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache) -> StepLayout:
         """Where `tree`'s nodes sit after each slot's committed tokens: positions, mask, rotary tables."""
         return step_layout(tree, slots, cache, self.rotary, self.dtype, self.cfg.sliding_window,
-                           self.embed.weight.device)
+                           self.embed.weight.device, packed=packs(tree))
 
     @torch.inference_mode()
     def forward(self, tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache,
@@ -137,16 +138,12 @@ class LeanDecoder(nn.Module):
                 x, feats = x.reshape(b * n, -1), None if feats is None else feats.reshape(b * n, -1)
                 start = [i * n for i in range(b)]
             else:
-                start = [0] * b
-                for i in range(1, b):
-                    start[i] = start[i - 1] + sizes[i - 1]
+                start = list(accumulate(sizes[:-1], initial=0))
             if heads is None or all(heads):
                 return TreeOutput(self.lm_head(self.norm(x)).float(), feats, start, sizes, start)
+            kept = [sizes[i] if heads[i] else 0 for i in range(b)]
+            logit_start = [at if heads[i] else -1 for i, at in enumerate(accumulate(kept[:-1], initial=0))]
             keep = [torch.arange(start[i], start[i] + sizes[i]) for i in range(b) if heads[i]]
-            logit_start, at = [], 0
-            for i in range(b):
-                logit_start.append(at if heads[i] else -1)
-                at += sizes[i] if heads[i] else 0
             x = x[torch.cat(keep).to(dev)] if keep else x[:0]
             return TreeOutput(self.lm_head(self.norm(x)).float(), feats, start, sizes, logit_start)
         if rows is not None and feats is not None:
@@ -263,12 +260,14 @@ def _unpack(x: Tensor, rows: Tensor, b: int, n: int) -> Tensor:
 
 
 def step_layout(tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache, rotary: Rotary, dtype: torch.dtype,
-                sliding_window: int | None, device: torch.device) -> StepLayout:
+                sliding_window: int | None, device: torch.device,
+                packed: bool = False) -> StepLayout:
     """The layout one forward over `tree` shares across layers (the lean decoder's and the EAGLE head's)."""
     slots = torch.as_tensor(slots, dtype=torch.long)
     b, n = tree.tokens.shape
-    # Packed, only real nodes are written: a slot near its end may sit beside a wider tree.
-    cache.check_room(slots, tree.num_nodes if packs(tree) else n)
+    # `packed`: the caller runs the real nodes only (moe.model.pack_layout), so only they are written
+    # (a slot near its end may sit beside a wider tree), and each attention group reads its own slots.
+    cache.check_room(slots, tree.num_nodes if packed else n)
     lens = cache.lens[slots]                                          # [B]
     write_pos = lens[:, None] + torch.arange(n)                       # [B, N]
     num_keys = int(lens.max()) + n  # host sync: sizes the key window
@@ -284,5 +283,5 @@ def step_layout(tree: TreeBatch, slots: list[int] | Tensor, cache: KVCache, rota
     single = (int(slots[0]), int(lens[0])) if b == 1 else None  # host sync: view offsets
     mask = None if mask is None else mask.to(device)
     slots = slots.to(device)
-    read = None if b == 1 else slot_read(slots, num_keys, mask)
+    read = None if b == 1 or packed else slot_read(slots, num_keys, mask)
     return StepLayout(slots, write_pos.to(device), num_keys, mask, read, cos, sin, single)

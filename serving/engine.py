@@ -189,6 +189,23 @@ def _prefill_groups(chunks: list[tuple[_Sequence, int]]) -> list[list[tuple[_Seq
     return groups
 
 
+def _chunks(pending: list[_Sequence], limit: int | None, budget: int | None) -> list[tuple[_Sequence, int]]:
+    """(sequence, prompt tokens to prefill now), oldest request first: at most `limit` tokens each and
+    `budget` in all (None: no bound)."""
+    chunks = []
+    for s in pending:  # insertion order: oldest first
+        n = len(s.request.prompt_ids) - 1 - s.prefilled
+        if limit is not None:
+            n = min(n, limit if budget is None else budget)
+        if budget is not None:
+            budget -= n
+        if n > 0:
+            chunks.append((s, n))
+        if budget == 0:
+            break
+    return chunks
+
+
 def _estimator(drafter: Drafter):
     """The drafter itself when it estimates its own acceptance (the controller), else None."""
     return drafter if all(hasattr(drafter, m) for m in ("estimate", "expected_size", "price_rows")) else None
@@ -357,11 +374,16 @@ class Engine:
             if not pending:
                 return
             decoding = len(pending) < len(self.running)
-            if decoding and self.cfg.prefill_stall and self.cfg.prefill_chunk:
+            if decoding and self._rides:
                 return  # the chunks ride in the decode step's forward (`_riders`)
             self._prefill_chunks(pending, decoding)
             if decoding:
                 return
+
+    @property
+    def _rides(self) -> bool:
+        """Prompt chunks ride in decode steps (prefill_stall set, and prompts are chunked at all)."""
+        return bool(self.cfg.prefill_stall and self.cfg.prefill_chunk)
 
     def _riders(self, batch: int) -> list[tuple[_Sequence, int]]:
         """(sequence, prompt tokens) to prefill inside this step's forward, oldest request first.
@@ -369,50 +391,31 @@ class Engine:
         The chunk is the largest (at most prefill_chunk, at least MIN_RIDE) whose step the cost model
         predicts at no more than prefill_stall times the plain decode step of the `batch` sequences."""
         pending = [s for s in self.running.values() if not s.ready]
-        if not pending or not (self.cfg.prefill_stall and self.cfg.prefill_chunk):
+        if not pending or not self._rides:
             return []
         cost = self.policy.target_cost
         bound = self.cfg.prefill_stall * cost.predict(batch)
         budget = self.cfg.prefill_chunk
         while budget > MIN_RIDE and cost.predict(batch + budget) > bound:
             budget -= 1 if budget <= 32 else budget // 8
-        riders = []
-        for s in pending:
-            n = min(len(s.request.prompt_ids) - 1 - s.prefilled, budget)
-            if n > 0:
-                riders.append((s, n))
-                budget -= n
-            if budget <= 0:
-                break
-        return riders
+        return _chunks(pending, budget, budget)
 
-    def _prefilled(self, riders: list[tuple[_Sequence, int]], feats: list[Tensor | None] | None) -> None:
-        """Prompt chunks that rode in a step are in the cache: advance them, and hand a feature-reading
-        drafter their hidden states."""
+    def _prefilled(self, chunks: list[tuple[_Sequence, int]], feats: list[Tensor | None] | None) -> None:
+        """Prompt chunks went through a forward (their own or a decode step's): hand a feature-reading
+        drafter their hidden states, and advance them."""
         if feats is not None:
             self.drafter.observe_prefill([
                 Prefill(s.seq_id, s.request.domain, f,
                         torch.tensor(s.history[s.prefilled + 1: s.prefilled + n + 1], dtype=torch.long))
-                for (s, n), f in zip(riders, feats)])
-        for s, n in riders:
+                for (s, n), f in zip(chunks, feats)])
+        for s, n in chunks:
             s.prefilled += n
             self.stats.prefill_tokens += n
 
     def _prefill_chunks(self, pending: list[_Sequence], decoding: bool) -> None:
         limit = self.cfg.prefill_chunk or None
         budget = limit if decoding else None
-        chunks = []
-        for s in pending:  # insertion order: oldest first
-            n = len(s.request.prompt_ids) - 1 - s.prefilled
-            if limit is not None:
-                n = min(n, limit if budget is None else budget)
-            if budget is not None:
-                budget -= n
-            if n > 0:
-                chunks.append((s, n))
-            if budget == 0:
-                break
-        for group in _prefill_groups(chunks):
+        for group in _prefill_groups(_chunks(pending, limit, budget)):
             chains = [s.history[s.prefilled: s.prefilled + n] for s, n in group]
             slots = [s.slot for s, _ in group]
             layers = self.drafter.feature_layers
@@ -420,17 +423,12 @@ class Engine:
                 # A feature-reading drafter gets the prompt's hidden states from this same forward.
                 _, feats = self.target.forward_features(TreeBatch.chains(chains), slots, self.cache, layers,
                                                         logits_for="last")  # [G, T, F]
-                self.drafter.observe_prefill([
-                    Prefill(s.seq_id, s.request.domain, feats[b, :n],
-                            torch.tensor(s.history[s.prefilled + 1: s.prefilled + n + 1], dtype=torch.long))
-                    for b, (s, n) in enumerate(group)])
+                self._prefilled(group, [feats[b, :n] for b, (_, n) in enumerate(group)])
             else:
                 self.target(TreeBatch.chains(chains), slots, self.cache, logits_for="last")
+                self._prefilled(group, None)
             self.cache.commit(slots, [list(range(n)) for _, n in group])
-            for s, n in group:
-                s.prefilled += n
             self.stats.prefill_forwards += 1
-            self.stats.prefill_tokens += sum(n for _, n in group)
 
     def _budgets(self, seqs: list[_Sequence], extra_rows: int = 0) -> list[int]:
         spec = self.cfg.speculation

@@ -24,6 +24,16 @@ def path_logits(model, prompt: list[int], path_tokens: list[int]) -> torch.Tenso
     return model(TreeBatch.chains([prompt + path_tokens]), [slot], cache, logits_for="last")[0]
 
 
+def _ragged_trees(widths: list[int], seed: int) -> tuple[TreeBatch, list[list[int]]]:
+    """One random tree per sequence, of the given node counts (seeds seed, seed + 1, ...), and their tokens."""
+    tokens, parents = [], []
+    for b, w in enumerate(widths):
+        t = TreeBatch.make_dummy(1, w, seed=seed + b, vocab_size=256)
+        tokens.append(t.tokens[0].tolist())
+        parents.append(t.parents[0].tolist())
+    return TreeBatch.from_lists(tokens, parents), tokens
+
+
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2_moe", "mixtral"])
 def test_every_node_equals_its_path_decoded_alone(name, tiny_model):
     model = load_model(str(tiny_model(name)), with_tokenizer=False).model
@@ -33,12 +43,7 @@ def test_every_node_equals_its_path_decoded_alone(name, tiny_model):
     slots = prefill(model, cache, prompts)
     # Ragged trees: 15, 20 and 17 real nodes.
     widths = [15, 20, 17]
-    tokens, parents = [], []
-    for b, w in enumerate(widths):
-        t = TreeBatch.make_dummy(1, w, seed=100 + b, vocab_size=256)
-        tokens.append(t.tokens[0].tolist())
-        parents.append(t.parents[0].tolist())
-    tree = TreeBatch.from_lists(tokens, parents)
+    tree, tokens = _ragged_trees(widths, seed=100)
     assert int(tree.depths().max()) >= 3, "trees should be deeper than a star"
     logits = model(tree, slots, cache)
     for b, prompt in enumerate(prompts):
@@ -106,12 +111,7 @@ def test_packed_batch_of_plain_steps_and_trees_equals_each_path_alone(name, orde
     model(TreeBatch.chains(prompts), slots, cache)
     cache.commit(slots, [list(range(len(p))) for p in prompts])
     widths = [1, 6, 1, 1, 9]
-    tokens, parents = [], []
-    for b, w in enumerate(widths):
-        t = TreeBatch.make_dummy(1, w, seed=40 + b, vocab_size=256)
-        tokens.append(t.tokens[0].tolist())
-        parents.append(t.parents[0].tolist())
-    tree = TreeBatch.from_lists(tokens, parents)
+    tree, tokens = _ragged_trees(widths, seed=40)
     padded = model(tree, slots, cache)
     out = model(tree, slots, cache, logits_for="rows")
     assert out.sizes == widths and out.logits.shape[0] == sum(widths)   # real rows only
