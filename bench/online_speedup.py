@@ -85,11 +85,12 @@ def baselines(lm, hf, counter, prompts: list[list[int]], new_tokens: int) -> dic
     return rows
 
 
-def eagle_row(lm, head, version: str, prompts, new_tokens: int, reference: list, speculation) -> dict:
+def eagle_row(lm, head, version: str, prompts, new_tokens: int, reference: list, speculation,
+              tree_topk: int = 0) -> dict:
     from moe.kernels import running
 
     drafter = EagleDrafter(head, version, max_batch=1, max_len=2048, cost_hint=head.cost_ratio(lm.config),
-                           kernels=running(lm.model))
+                           kernels=running(lm.model), tree_topk=tree_topk)
     row = decode_all(lm, drafter, prompts, new_tokens, speculation)
     row["identical"] = sum(a == b for a, b in zip(row.pop("outputs"), reference))
     return row
@@ -127,13 +128,14 @@ def run_domain(lm, hf, counter, domain: str, args, cache: Path, warm: Path) -> d
             # This machine's speed drifts by tens of percent within minutes: each point's ratio is taken
             # against the engine without speculation measured right before it.
             now_tps = decode_all(lm, NoDrafter(), held, args.new_tokens, 0)["tokens_per_s"]
-            for spec in args.speculation:
-                row = eagle_row(lm, lin.champion, f"after-{point}", held, args.new_tokens, reference, spec)
-                row.update(requests=point, speculation=spec, speedup=row["tokens_per_s"] / now_tps,
+            for spec, topk in ((s, k) for k in args.tree_topk for s in args.speculation):
+                row = eagle_row(lm, lin.champion, f"after-{point}", held, args.new_tokens, reference, spec, topk)
+                row.update(requests=point, speculation=spec, tree_topk=topk, speedup=row["tokens_per_s"] / now_tps,
                            none_tokens_per_s=now_tps,
                            promotions=lin.promotions, steps=lin.step, last_decision=trainer.stats.last_decision)
                 rows.append(row)
-                print(f"{domain}: after {point} requests ({lin.promotions} promotions), speculation {spec}: "
+                print(f"{domain}: after {point} requests ({lin.promotions} promotions), speculation {spec}, "
+                      f"{f'top-{topk} trees' if topk else 'chains'}: "
                       f"{row['tokens_per_s']:.1f} tok/s = {row['speedup']:.2f}x no speculation, "
                       f"{row['tokens_per_forward']:.2f} tokens/forward, draft/target time "
                       f"{row['draft_over_target_time']:.3f}", flush=True)
@@ -155,9 +157,11 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4.2), squeeze=False)
     for ax, domain in zip(axes[0], domains):
         d = result["domains"][domain]
-        for spec in sorted({r["speculation"] for r in d["eagle"]}, key=str):
-            pts = [r for r in d["eagle"] if r["speculation"] == spec]
-            ax.plot([r["requests"] for r in pts], [r["speedup"] for r in pts], "o-", label=f"eagle, speculation {spec}")
+        for spec, topk in sorted({(r["speculation"], r.get("tree_topk", 0)) for r in d["eagle"]}, key=str):
+            pts = [r for r in d["eagle"] if r["speculation"] == spec and r.get("tree_topk", 0) == topk]
+            shape = f"top-{topk} trees" if topk else "chains"
+            ax.plot([r["requests"] for r in pts], [r["speedup"] for r in pts], "o-",
+                    label=f"eagle {shape}, speculation {spec}")
         for name, style in (("hf-generate", ":"), ("hf-prompt-lookup", "--")):
             ax.axhline(d["baselines"][name]["speedup"], linestyle=style, color="grey", label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -178,6 +182,8 @@ def main() -> int:
     p.add_argument("--heldout", type=int, default=4, help="held-out prompts per domain")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--speculation", default="adaptive,4", help="engine speculation settings of the eagle rows")
+    p.add_argument("--tree-topk", default="0,4",
+                   help="eagle draft shapes: 0 for chains, k >= 2 for trees of each node's k likeliest children")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--quick", action="store_true",
                    help="2 held-out prompts, 64 tokens, points 0,48 (the first 16 requests fill the hold-out)")
@@ -188,9 +194,12 @@ def main() -> int:
     try:
         args.points = sorted({int(x) for x in args.points.split(",")})
         args.speculation = [x if x == "adaptive" else int(x) for x in args.speculation.split(",")]
+        args.tree_topk = sorted({int(x) for x in args.tree_topk.split(",")})
     except ValueError:
-        raise SystemExit(f"--points and --speculation must be comma-separated integers (or adaptive), "
-                         f"got {args.points!r}, {args.speculation!r}") from None
+        raise SystemExit(f"--points, --speculation and --tree-topk must be comma-separated integers (or adaptive), "
+                         f"got {args.points!r}, {args.speculation!r}, {args.tree_topk!r}") from None
+    if any(k < 0 or k == 1 for k in args.tree_topk):
+        raise SystemExit(f"--tree-topk: each value must be 0 (chains) or >= 2, got {args.tree_topk}")
     domains = [d for d in args.domains.split(",") if d]
     bad = [d for d in domains if d not in TARGETS]
     if bad:

@@ -9,8 +9,11 @@ embedding of token i+1; it predicts token i+2. q/k/v see both ([embedding; fused
 layer keeps its own KV cache, and the head covers Vd frequent tokens (`vocab_ids`: draft id ->
 target id). After the last entry backed by target features, each draft step feeds the layer's own
 output hidden state in place of the fused features (as EAGLE-3 drafts). Drafts are chains with a
-confidence stop; greedy requests propose argmax tokens, sampled ones draw from the draft law q,
-which is 0 outside the draft vocabulary, so verification stays exact.
+confidence stop by default; greedy requests propose argmax tokens, sampled ones draw from the draft
+law q, which is 0 outside the draft vocabulary, so verification stays exact. With `tree_topk` they
+are EAGLE-2's dynamic trees instead: the likeliest nodes by cumulative draft probability are
+expanded depth by depth and the `budget` likeliest kept (deterministic, so verified exactly by the
+target-only rule for sampled requests too).
 
 Checkpoints are a folder with `eagle.json` (config, feature layers, draft vocabulary, version)
 and `model.safetensors` (the head's own weights; the embedding is the target's and is not stored).
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,8 +285,9 @@ class EagleDrafter:
     needs_topk = 0
 
     def __init__(self, head: EagleHead, version: str = "base", max_batch: int = 16, max_len: int = 2048,
-                 budgets: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8), min_confidence: float = 0.1,
-                 cost_hint: float = 0.07, kernels: str = "default"):
+                 budgets: tuple[int, ...] | None = None, min_confidence: float = 0.1,
+                 cost_hint: float = 0.07, kernels: str = "default", tree_topk: int = 0, tree_beam: int = 4,
+                 tree_min_prob: float = 0.02):
         from moe.kernels import apply
 
         self.head = head.eval()
@@ -292,9 +297,19 @@ class EagleDrafter:
         self.min_confidence = min_confidence
         """A chain stops after a token whose draft probability is below this (the first token is always drafted)."""
         self.cost_hint = cost_hint
+        if tree_topk < 0 or tree_topk == 1 or tree_beam < 1 or not 0.0 <= tree_min_prob < 1.0:
+            raise ValueError(f"eagle tree: tree_topk must be 0 (chains) or >= 2, tree_beam >= 1 and "
+                             f"tree_min_prob in [0, 1); got {tree_topk}, {tree_beam}, {tree_min_prob}")
+        self.tree_topk = tree_topk
+        """0: chains. k >= 2: trees; each expanded node offers its k likeliest children (EAGLE-2's dynamic tree)."""
+        self.tree_beam = tree_beam
+        """Trees: at most this many nodes are expanded per depth, the likeliest by cumulative draft probability."""
+        self.tree_min_prob = tree_min_prob
+        """Trees: a node whose cumulative draft probability is below this is not expanded."""
         self.cache = head.new_cache(max_batch, max_len)
         self._seqs: dict[int, _SeqState] = {}
-        self._budgets = budgets
+        self._budgets = budgets or ((2, 4, 6, 8, 12, 16) if tree_topk else (1, 2, 3, 4, 5, 6, 8))
+        """Draft sizes the adaptive policy may choose (nodes: a tree holds more of them than a chain for a depth)."""
 
     @property
     def version(self) -> str:
@@ -357,13 +372,17 @@ class EagleDrafter:
         assert out.shape[-1] == d
         return out[torch.arange(len(reqs)), last.to(dev)], slots
 
-    def _law(self, logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor | None]:
-        """(draft probabilities over the target vocabulary [V], the law verification needs or None if greedy)."""
-        full = self.head.full_logits(logits)
-        if params.greedy:
-            return full.softmax(-1), None
-        q = probs_from_logits(full, params)
-        return q, q
+    def _pick(self, logits: Tensor, r: DraftRequest) -> tuple[int, float, Tensor | None]:
+        """(next draft token as a target id, its draft probability, the law q over [V] it was drawn from or None).
+
+        Greedy requests take the argmax of the draft vocabulary: no full-vocabulary row is built.
+        """
+        if r.params.greedy:
+            conf, idx = logits.softmax(-1).max(-1)
+            return int(self.head.vocab_ids[idx]), float(conf), None  # host sync: the token feeds the next step
+        q = probs_from_logits(self.head.full_logits(logits), r.params)
+        tok = int(torch.multinomial(q, 1, generator=r.generator))
+        return tok, float(q[tok]), q
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
@@ -374,6 +393,10 @@ class EagleDrafter:
             return drafts
         reqs = [requests[i] for i in active]
         hidden, slots = self._catch_up(reqs)                             # [B, D]
+        if self.tree_topk:
+            for i, d in zip(active, self._trees(reqs, hidden, slots)):
+                drafts[i] = d
+            return drafts
         real_lens = [int(self.cache.lens[s]) for s in slots]  # host sync: restored after drafting
         toks: list[list[int]] = [[] for _ in reqs]
         laws: list[list[Tensor]] = [[] for _ in reqs]
@@ -384,13 +407,8 @@ class EagleDrafter:
                 still = []
                 for j, i in enumerate(live):
                     r = reqs[i]
-                    probs, q = self._law(logits[j], r.params)
-                    if q is None:
-                        conf, tok = probs.max(-1)
-                        tok, conf = int(tok), float(conf)  # host sync: the token feeds the next draft step
-                    else:
-                        tok = int(torch.multinomial(q, 1, generator=r.generator))
-                        conf = float(q[tok])
+                    tok, conf, q = self._pick(logits[j], r)
+                    if q is not None:
                         laws[i].append(q)
                     toks[i].append(tok)
                     if len(toks[i]) < r.budget and conf >= self.min_confidence:
@@ -415,6 +433,73 @@ class EagleDrafter:
                 q = torch.stack(laws[j] + [torch.zeros_like(laws[j][0])])
             drafts[i] = Draft.chain(toks[j], q)
         return drafts
+
+
+    def _trees(self, reqs: list[DraftRequest], hidden: Tensor, slots: list[int]) -> list[Draft]:
+        """EAGLE-2's dynamic trees: expand the likeliest nodes depth by depth, keep the `budget` likeliest.
+
+        A node's value is its cumulative draft probability, which tracks how likely the target is to
+        accept it; a child is never likelier than its parent, so the `budget` likeliest nodes form a
+        tree. Each depth runs the head once over every node expanded so far (tree attention in the
+        head's cache, above the committed entries, never committed). The trees are deterministic
+        (q = None): sampled requests are verified by target-only recursive rejection, still exact.
+        """
+        k = self.tree_topk
+        vocab = self.head.vocab_ids
+        # Per request: candidate nodes (target token, parent node or -1, log-probability, depth) ...
+        nodes: list[list[tuple[int, int, float, int]]] = [[] for _ in reqs]
+        expanded: list[list[int]] = [[] for _ in reqs]  # ... and the nodes fed to the head, in feeding order
+        outs: list[dict[int, Tensor]] = [{} for _ in reqs]  # expanded node -> the head's output hidden [D]
+
+        def offer(logits: Tensor, parents: list[tuple[int, int]]) -> None:
+            """Children of each row's (request, node) from the head's logits [rows, Vd] (node -1: the root)."""
+            lp, idx = logits.log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)   # [rows, k]
+            lp, toks = lp.tolist(), vocab[idx].tolist()  # host sync: the tree is built on the host
+            for (i, n), ps, ts in zip(parents, lp, toks):
+                base, depth = (0.0, 1) if n < 0 else (nodes[i][n][2], nodes[i][n][3] + 1)
+                nodes[i].extend((t, n, base + p, depth) for p, t in zip(ps, ts))
+
+        offer(self.head.logits(hidden), [(i, -1) for i in range(len(reqs))])
+        floor = math.log(self.tree_min_prob) if self.tree_min_prob > 0 else -math.inf
+        for depth in range(1, max(r.budget for r in reqs)):
+            live, picks = [], []  # picks: (batch row, request, node, index in the head's tree)
+            for i, r in enumerate(reqs):
+                if depth >= r.budget:
+                    continue
+                frontier = [n for n, (_, _, p, d) in enumerate(nodes[i]) if d == depth and p >= floor]
+                frontier = sorted(frontier, key=lambda n: -nodes[i][n][2])[: self.tree_beam]
+                if frontier:
+                    picks += [(len(live), i, n, len(expanded[i]) + c) for c, n in enumerate(frontier)]
+                    live.append(i)
+                    expanded[i].extend(frontier)
+            if not live:
+                break
+            toks, pars, ins = [], [], []
+            for i in live:
+                where = {n: j for j, n in enumerate(expanded[i])}
+                toks.append([nodes[i][n][0] for n in expanded[i]])
+                pars.append([where.get(nodes[i][n][1], -1) for n in expanded[i]])
+                ins.append(torch.stack([hidden[i] if nodes[i][n][1] < 0 else outs[i][nodes[i][n][1]]
+                                        for n in expanded[i]]))
+            x = torch.zeros(len(live), max(len(t) for t in toks), hidden.shape[-1], dtype=hidden.dtype,
+                            device=hidden.device)
+            for b, h in enumerate(ins):
+                x[b, : h.shape[0]] = h
+            tree = TreeBatch.from_lists(toks, pars)
+            out = self.head(tree.tokens.to(hidden.device), x, tree, [slots[i] for i in live], self.cache)
+            sel = out[[b for b, _, _, _ in picks], [j for _, _, _, j in picks]]      # [rows, D]
+            for row, (_, i, n, _) in enumerate(picks):
+                outs[i][n] = sel[row]
+            offer(self.head.logits(sel), [(i, n) for _, i, n, _ in picks])
+        return [_best_tree(nodes[i], r.budget) for i, r in enumerate(reqs)]
+
+
+def _best_tree(nodes: list[tuple[int, int, float, int]], budget: int) -> Draft:
+    """The `budget` likeliest nodes (ties to the shallower, then the earlier), as a draft in creation order."""
+    keep = sorted(sorted(range(len(nodes)), key=lambda n: (-nodes[n][2], nodes[n][3], n))[:budget])
+    where = {n: j for j, n in enumerate(keep)}
+    return Draft(torch.tensor([nodes[n][0] for n in keep], dtype=torch.long),
+                 torch.tensor([where[nodes[n][1]] if nodes[n][1] >= 0 else -1 for n in keep], dtype=torch.long))
 
 
 def draft_vocab_from_counts(counts: Tensor, size: int) -> Tensor:

@@ -26,6 +26,8 @@ class DrafterConfig:
     eagle: a folder written by `save_eagle` instead of the cached warm-start head."""
     eagle_min_confidence: float = 0.1
     """eagle: a chain stops after a token whose draft probability is below this."""
+    eagle_tree_topk: int = 0
+    """eagle: 0 drafts chains; k >= 2 drafts trees of each expanded node's k likeliest children."""
     fallback: str | None = None
     """eagle: the drafter to serve with while no eagle head exists (None: refuse to start)."""
     draft_mode: str = "chain"
@@ -58,6 +60,8 @@ class DrafterConfig:
             raise ValueError(f"suffix_min_prob must be in [0, 1], got {self.suffix_min_prob}")
         if not 0.0 <= self.eagle_min_confidence < 1.0:
             raise ValueError(f"eagle_min_confidence must be in [0, 1), got {self.eagle_min_confidence}")
+        if self.eagle_tree_topk < 0 or self.eagle_tree_topk == 1:
+            raise ValueError(f"eagle_tree_topk must be 0 (chains) or >= 2, got {self.eagle_tree_topk}")
         from moe.kernels import check_kernels
 
         check_kernels(self.kernels)
@@ -137,7 +141,8 @@ def _eagle(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int
     head, version = load_eagle(folder, target.cfg, target.embed, max_len)
     head.to(target.embed.weight.device)
     return EagleDrafter(head, version, max_batch=max_batch, max_len=max_len, kernels=running(target),
-                        min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(target.cfg))
+                        min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(target.cfg),
+                        tree_topk=cfg.eagle_tree_topk)
 
 
 def _controller(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int, target_cfg,

@@ -54,6 +54,8 @@ class ServeConfig:
     the lineage's first promoted head replaces it."""
     eagle_min_confidence: float = 0.1
     """eagle (at start and promoted): a chain stops after a token whose draft probability is below this."""
+    eagle_tree_topk: int = 0
+    """eagle (at start and promoted): 0 drafts chains; k >= 2 trees of each expanded node's k likeliest children."""
     speculation: str | int = "adaptive"
     """"adaptive", or a fixed draft size (0 = plain decoding)."""
     max_batch: int = 8
@@ -120,7 +122,8 @@ class ServeConfig:
         from drafters.registry import DrafterConfig
 
         DrafterConfig(self.drafter, draft_mode=self.draft_mode, fallback=self.fallback,  # names a bad fallback
-                      eagle_min_confidence=self.eagle_min_confidence, kernels=self.kernels)
+                      eagle_min_confidence=self.eagle_min_confidence, eagle_tree_topk=self.eagle_tree_topk,
+                      kernels=self.kernels)
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.prefill_stall != 0 and self.prefill_stall <= 1:

@@ -437,6 +437,7 @@ class Replica:
                             prefill_stall=cfg.prefill_stall)
         dcfg = DrafterConfig(cfg.drafter, draft_layers=min(cfg.draft_layers, loaded.config.num_layers),
                              draft_mode=cfg.draft_mode, eagle_min_confidence=cfg.eagle_min_confidence,
+                             eagle_tree_topk=cfg.eagle_tree_topk,
                              fallback=cfg.fallback, kernels=cfg.kernels)
         drafter = build_drafter(dcfg, cfg.model, loaded.config.vocab_size, cfg.max_batch, max_len, loaded.config,
                                 target=loaded.model)
@@ -546,7 +547,8 @@ class Replica:
                 head, _ = load_eagle(folder, tcfg, target.embed, max_len)
                 head.to(target.embed.weight.device)
                 return EagleDrafter(head, version, max_batch=cfg.max_batch, max_len=max_len, kernels=running(target),
-                                    min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(tcfg))
+                                    min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(tcfg),
+                                    tree_topk=cfg.eagle_tree_topk)
             model, _ = load_draft(folder, max_len=max_len)
             model.to(target.embed.weight.device)
             return DraftLMDrafter(model, version, mode=cfg.draft_mode, max_batch=cfg.max_batch, max_len=max_len,

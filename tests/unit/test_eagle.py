@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafters.base import NoDrafter
+from drafters.base import DraftRequest, NoDrafter, Prefill
 from drafters.eagle import EagleDrafter, head_from_target, load_eagle, save_eagle
 from moe.generate import SamplingParams
 from moe.loader import load_model
@@ -32,16 +32,63 @@ def _run(target, drafter, prompts, params, batch):
     return {f.request_id: f.output_ids for f in e.run_to_completion()}, e.stats
 
 
+@pytest.mark.parametrize("tree_topk", [0, 3])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_greedy_output_equals_the_target_alone(target, batch):
+def test_greedy_output_equals_the_target_alone(target, batch, tree_topk):
     prompts = _prompts(8)
     params = SamplingParams(max_new_tokens=20)
     ref, _ = _run(target, NoDrafter(), prompts, params, batch)
     head = head_from_target(target, VOCAB, seed=1)
-    out, stats = _run(target, EagleDrafter(head, max_batch=batch, max_len=256, min_confidence=0.0),
+    out, stats = _run(target, EagleDrafter(head, max_batch=batch, max_len=256, min_confidence=0.0,
+                                           tree_topk=tree_topk, tree_min_prob=0.0),
                       prompts, params, batch)
     assert out == ref
     assert stats.draft_tokens > 0
+
+
+def test_tree_nodes_are_the_top_children_of_their_path_drafted_as_a_chain(target):
+    """Each tree node is among the k likeliest tokens after its path, the path drafted alone as a chain.
+
+    The tree's head forwards attend across several branches at once; a wrong tree mask or position
+    changes the hidden state of some node and so the children it offers.
+    """
+    head = head_from_target(target, VOCAB, seed=4)
+    k, budget = 2, 10  # a random head is nearly uniform: 2 + 4 + 4 nodes, 3 deep
+    drafter = EagleDrafter(head, max_batch=1, max_len=64, tree_topk=k, tree_beam=2, tree_min_prob=0.0)
+    toks = _prompts(1, seed=5)[0][:12] + [4, 8, 16, 32]
+    sample = collect(target, toks, head.cfg.feature_layers, VOCAB)
+    drafter.observe_prefill([Prefill(0, None, sample.features[:-1].float(), torch.tensor(toks[1:]))])
+    [draft] = drafter.propose([DraftRequest(0, toks, budget, SamplingParams(), torch.Generator())])
+    assert draft.size == budget
+    parents = draft.parents.tolist()
+    depth = [0] * budget
+    for i, p in enumerate(parents):
+        depth[i] = 1 if p < 0 else depth[p] + 1
+    assert max(depth) >= 3 and sum(d == 1 for d in depth) >= 2  # a real tree: branches and depth
+    with torch.no_grad():
+        cache = head.new_cache(1, 64)
+        slot = cache.allocate()
+        nxt = torch.tensor(toks[1:])[None]
+        out = head(nxt, head.fuse(sample.features[:-1].float()[None]), TreeBatch.chains([nxt[0].tolist()]),
+                   [slot], cache)
+        cache.commit([slot], [list(range(nxt.shape[1]))])
+        base, root = int(cache.lens[slot]), out[:, -1]
+        for i in range(budget):
+            path = []
+            j = i
+            while j >= 0:
+                path.append(j)
+                j = parents[j]
+            path = path[::-1]
+            h = root
+            for m, node in enumerate(path):
+                top = VOCAB[head.logits(h).topk(k, dim=-1).indices[0]].tolist()
+                assert int(draft.tokens[node]) in top, f"node {node} (depth {m + 1}) is not a top-{k} child"
+                if m + 1 < len(path):
+                    t = torch.tensor([[int(draft.tokens[node])]])
+                    h = head(t, h[:, None], TreeBatch.chains([[int(t)]]), [slot], cache)[:, 0]
+                    cache.commit([slot], [[0]])
+            cache.truncate(slot, base)
 
 
 def test_ttt_unroll_equals_cached_drafting(target):
@@ -111,7 +158,8 @@ def test_checkpoint_round_trip_and_mismatch_refused(target, tmp_path, tiny_model
         load_eagle(tmp_path / "h", fewer, target.embed)
 
 
-def test_sampled_outputs_follow_the_target_law_with_three_deep_drafts(tmp_path):
+@pytest.mark.parametrize("tree_topk", [0, 2])
+def test_sampled_outputs_follow_the_target_law_with_three_deep_drafts(tmp_path, tree_topk):
     """An 8-token target, 4-token outputs: the first draft is 3 deep; the joint law of all 4 tokens is exact."""
     import itertools
 
@@ -137,7 +185,7 @@ def test_sampled_outputs_follow_the_target_law_with_three_deep_drafts(tmp_path):
         law[n] = sum(row[len(prompt) - 1 + i, o[i]] for i in range(4)).exp()
     # The head drafts only 6 of the 8 tokens, so q is 0 for the others.
     head = head_from_target(target, torch.tensor([0, 1, 2, 3, 5, 6]), seed=3)
-    drafter = EagleDrafter(head, max_batch=64, max_len=16, min_confidence=0.0)
+    drafter = EagleDrafter(head, max_batch=64, max_len=16, min_confidence=0.0, tree_topk=tree_topk, tree_min_prob=0.0)
     n = 3000
     e = Engine(target, drafter, EngineConfig(max_batch=64, max_len=16, speculation=3, topk_log=0))
     for i in range(n):
@@ -146,10 +194,23 @@ def test_sampled_outputs_follow_the_target_law_with_three_deep_drafts(tmp_path):
     for f in e.run_to_completion():
         o = f.output_ids
         counts[((o[0] * 8 + o[1]) * 8 + o[2]) * 8 + o[3]] += 1
-    assert e.stats.accepted_per_position[:3] and len(e.stats.accepted_per_position) >= 3  # 3-deep drafts accepted
+    # Chains: 3-deep drafts accepted. Trees of 3 nodes branch first: 2-deep ones accepted.
+    assert len(e.stats.accepted_per_position) >= (2 if tree_topk else 3)
     expected = law * n
     big = expected >= 5
     obs = torch.cat([counts[big], counts[~big].sum()[None]])
     exp = torch.cat([expected[big], expected[~big].sum()[None]])
     assert big.sum() >= 10
     assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+
+
+def test_a_tree_of_one_child_per_node_is_refused_by_name(target):
+    from drafters.registry import DrafterConfig
+    from serving.config import ServeConfig
+
+    with pytest.raises(ValueError, match="eagle_tree_topk"):
+        DrafterConfig("eagle", eagle_tree_topk=1)
+    with pytest.raises(ValueError, match="eagle_tree_topk"):
+        ServeConfig(drafter="eagle", eagle_tree_topk=-2)
+    with pytest.raises(ValueError, match="tree_topk"):
+        EagleDrafter(head_from_target(target, VOCAB), tree_topk=1)
