@@ -198,8 +198,13 @@ def main() -> int:
     except ValueError:
         raise SystemExit(f"--points, --speculation and --tree-topk must be comma-separated integers (or adaptive), "
                          f"got {args.points!r}, {args.speculation!r}, {args.tree_topk!r}") from None
-    if any(k < 0 or k == 1 for k in args.tree_topk):
-        raise SystemExit(f"--tree-topk: each value must be 0 (chains) or >= 2, got {args.tree_topk}")
+    from drafters.eagle import check_tree_topk
+
+    try:
+        for k in args.tree_topk:
+            check_tree_topk(k, "--tree-topk")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     domains = [d for d in args.domains.split(",") if d]
     bad = [d for d in domains if d not in TARGETS]
     if bad:

@@ -271,6 +271,12 @@ def load_eagle(folder: str | Path, target_cfg: ModelConfig, embed: nn.Embedding,
 
 
 # ---- the drafter ----------------------------------------------------------------------------------
+def check_tree_topk(k: int, name: str) -> None:
+    """Draft shapes: 0 for chains, k >= 2 for trees (one child per node would be a chain drawn the slow way)."""
+    if k < 0 or k == 1:
+        raise ValueError(f"{name} must be 0 (chains) or >= 2, got {k}")
+
+
 @dataclass
 class _SeqState:
     slot: int
@@ -297,9 +303,10 @@ class EagleDrafter:
         self.min_confidence = min_confidence
         """A chain stops after a token whose draft probability is below this (the first token is always drafted)."""
         self.cost_hint = cost_hint
-        if tree_topk < 0 or tree_topk == 1 or tree_beam < 1 or not 0.0 <= tree_min_prob < 1.0:
-            raise ValueError(f"eagle tree: tree_topk must be 0 (chains) or >= 2, tree_beam >= 1 and "
-                             f"tree_min_prob in [0, 1); got {tree_topk}, {tree_beam}, {tree_min_prob}")
+        check_tree_topk(tree_topk, "tree_topk")
+        if tree_beam < 1 or not 0.0 <= tree_min_prob < 1.0:
+            raise ValueError(f"eagle tree: tree_beam must be >= 1 and tree_min_prob in [0, 1); "
+                             f"got {tree_beam}, {tree_min_prob}")
         self.tree_topk = tree_topk
         """0: chains. k >= 2: trees; each expanded node offers its k likeliest children (EAGLE-2's dynamic tree)."""
         self.tree_beam = tree_beam
@@ -433,7 +440,6 @@ class EagleDrafter:
                 q = torch.stack(laws[j] + [torch.zeros_like(laws[j][0])])
             drafts[i] = Draft.chain(toks[j], q)
         return drafts
-
 
     def _trees(self, reqs: list[DraftRequest], hidden: Tensor, slots: list[int]) -> list[Draft]:
         """EAGLE-2's dynamic trees: expand the likeliest nodes depth by depth, keep the `budget` likeliest.

@@ -60,8 +60,9 @@ class DrafterConfig:
             raise ValueError(f"suffix_min_prob must be in [0, 1], got {self.suffix_min_prob}")
         if not 0.0 <= self.eagle_min_confidence < 1.0:
             raise ValueError(f"eagle_min_confidence must be in [0, 1), got {self.eagle_min_confidence}")
-        if self.eagle_tree_topk < 0 or self.eagle_tree_topk == 1:
-            raise ValueError(f"eagle_tree_topk must be 0 (chains) or >= 2, got {self.eagle_tree_topk}")
+        from drafters.eagle import check_tree_topk
+
+        check_tree_topk(self.eagle_tree_topk, "eagle_tree_topk")
         from moe.kernels import check_kernels
 
         check_kernels(self.kernels)
