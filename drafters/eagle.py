@@ -55,6 +55,8 @@ def default_feature_layers(num_layers: int) -> tuple[int, ...]:
     """Low, middle and high: outputs of layers 1, L/2 - 1 and L - 4 (inputs of 2, L/2 and L - 3), as EAGLE-3."""
     if num_layers < 4:
         return tuple(sorted({0, num_layers // 2, num_layers - 1}))
+    if num_layers < 7:  # the rule above would repeat a layer; keep three distinct, below the last
+        return (0, num_layers // 2 - 1, num_layers - 2)
     return (1, num_layers // 2 - 1, num_layers - 4)
 
 
@@ -79,6 +81,8 @@ class EagleConfig:
     target_layers: int
     """Number of layers of that target (feature layers are only meaningful for it)."""
     rope_scaling: tuple | None = None
+    feature_norm: bool = True
+    """Each feature layer's state gets its own RMSNorm before `fc` (ours); False feeds them raw, as EAGLE-3 does."""
 
     @staticmethod
     def for_target(cfg: ModelConfig, feature_layers: tuple[int, ...] | None = None,
@@ -120,7 +124,8 @@ class EagleHead(nn.Module):
         d = cfg.hidden_size
         mc = cfg.model_config()
         self.embed = embed  # the target's, frozen and shared: never trained, never saved here
-        self.feature_norms = nn.ModuleList(RMSNorm(d, cfg.rms_eps) for _ in cfg.feature_layers)
+        self.feature_norms = (nn.ModuleList(RMSNorm(d, cfg.rms_eps) for _ in cfg.feature_layers)
+                              if cfg.feature_norm else None)
         self.fc = nn.Linear(len(cfg.feature_layers) * d, d, bias=False)
         self.input_norm = RMSNorm(d, cfg.rms_eps)
         self.hidden_norm = RMSNorm(d, cfg.rms_eps)
@@ -145,7 +150,10 @@ class EagleHead(nn.Module):
                        dtype=w.dtype, device=w.device)
 
     def fuse(self, features: Tensor) -> Tensor:
-        """[..., F] target hidden states -> [..., D]: each layer's state normalized, then fused."""
+        """[..., F] target hidden states -> [..., D]: each layer's state normalized (unless
+        `feature_norm` is off), then fused."""
+        if self.feature_norms is None:
+            return self.fc(features)
         parts = features.split(self.cfg.hidden_size, dim=-1)
         return self.fc(torch.cat([n(p) for n, p in zip(self.feature_norms, parts)], dim=-1))
 
@@ -189,12 +197,13 @@ class EagleHead(nn.Module):
 
 def new_head(target_cfg: ModelConfig, embed: nn.Embedding, vocab_ids: Tensor, lm_head: Tensor | None = None,
              feature_layers: tuple[int, ...] | None = None,
-             seed: int = 0, max_len: int | None = None) -> EagleHead:
+             seed: int = 0, max_len: int | None = None, feature_norm: bool = True) -> EagleHead:
     """A fresh head: small random weights, the head rows copied from the target's when given.
 
     Starting the draft head from the target's own rows puts its output space where the target's is.
+    `feature_norm=False` makes EAGLE-3's exact layer (exportable, drafters/eagle3_format.py).
     """
-    cfg = EagleConfig.for_target(target_cfg, feature_layers)
+    cfg = dataclasses.replace(EagleConfig.for_target(target_cfg, feature_layers), feature_norm=feature_norm)
     g = torch.Generator().manual_seed(seed)
     head = EagleHead(cfg, vocab_ids, embed, max_len)
     with torch.no_grad():
@@ -212,9 +221,10 @@ def new_head(target_cfg: ModelConfig, embed: nn.Embedding, vocab_ids: Tensor, lm
 
 
 def head_from_target(target, vocab_ids: Tensor, feature_layers: tuple[int, ...] | None = None, seed: int = 0,
-                     max_len: int | None = None) -> EagleHead:
+                     max_len: int | None = None, feature_norm: bool = True) -> EagleHead:
     """`new_head` for a loaded LeanDecoder `target` (its embedding and head rows)."""
-    return new_head(target.cfg, target.embed, vocab_ids, target.lm_head.weight.detach(), feature_layers, seed, max_len)
+    return new_head(target.cfg, target.embed, vocab_ids, target.lm_head.weight.detach(), feature_layers, seed, max_len,
+                    feature_norm)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
