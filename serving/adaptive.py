@@ -21,16 +21,57 @@ from typing import Protocol
 
 @dataclass
 class CostModel:
-    """Seconds of one target forward as a function of the tokens it processes (B * tree width)."""
+    """Seconds of one target forward as a function of the tokens it processes (B * tree width), and of B.
+
+    `table` is one sequence's curve, by row count: the start-up calibration (chains after a context)
+    and every batch-1 step since. A row costs more inside a batch than inside one sequence's chain
+    (each sequence attends over its own context), so a batch B is priced from its own steps:
+        t(B, rows) = plain(B) + k(B) * (table(rows) - table(B)),
+    plain(B) its smoothed plain step, k(B) how much dearer its extra rows are than the curve says,
+    fitted by least squares over B's steps with more rows than B, recent ones weighing more (1 until
+    B has had one). The curve keeps the shape measured where it runs (flat, then linear, on a GPU;
+    linear from the first row on a CPU); B's own steps scale it.
+    """
 
     ema: float = 0.3
     table: dict[int, float] = field(default_factory=dict)  # tokens -> seconds, smoothed
+    plain: dict[int, float] = field(default_factory=dict)  # B -> seconds of a step of B rows
+    _fit: dict[int, tuple[float, float]] = field(default_factory=dict)  # B -> (sum x y, sum x^2), decaying
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        old = self.table.get(tokens)
-        self.table[tokens] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+    def observe(self, tokens: int, seconds: float, batch: int | None = None) -> None:
+        """A forward of `tokens` rows took `seconds`; `batch` sequences shared it (None: one, a calibration)."""
+        if batch is None or batch == 1:
+            old = self.table.get(tokens)
+            self.table[tokens] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        if batch is None:
+            return
+        if tokens <= batch:
+            old = self.plain.get(batch)
+            self.plain[batch] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        elif batch in self.plain:
+            x = self._from_table(tokens) - self._from_table(batch)
+            y = seconds - self.plain[batch]
+            sxy, sxx = self._fit.get(batch, (0.0, 0.0))
+            keep = 1 - self.ema
+            self._fit[batch] = (keep * sxy + x * y, keep * sxx + x * x)
 
-    def predict(self, tokens: int) -> float:
+    def row_factor(self, batch: int) -> float:
+        """k(B): extra rows at `batch` against the one-sequence curve; a batch not measured yet borrows
+        the nearest measured one's (1.0 before any)."""
+        fitted = [b for b, (_, sxx) in self._fit.items() if sxx > 0]
+        if not fitted:
+            return 1.0
+        sxy, sxx = self._fit[min(fitted, key=lambda b: (abs(b - batch), b))]
+        return max(0.0, sxy / sxx)
+
+    def predict(self, tokens: int, batch: int | None = None) -> float:
+        """A forward of `tokens` rows shared by `batch` sequences (None: the one-sequence curve)."""
+        if batch is None or batch not in self.plain:
+            return self._from_table(tokens)
+        extra = self._from_table(tokens) - self._from_table(batch) if tokens > batch else 0.0
+        return self.plain[batch] + self.row_factor(batch) * extra
+
+    def _from_table(self, tokens: int) -> float:
         """Piecewise-linear through the measured points; flat below the first, linear past the last."""
         if tokens in self.table:
             return self.table[tokens]
@@ -131,7 +172,7 @@ class AdaptivePolicy:
         measured = self.draft_cost.get((s, batch))
         if measured is not None:
             return measured
-        return self.draft_cost_hint * s * self.target_cost.predict(batch)
+        return self.draft_cost_hint * s * self.target_cost.predict(batch, batch)
 
     def _plan(self, seq_ids: list[int], s: int, extra: int = 0) -> tuple[float, list[bool]]:
         """(expected tokens per second, which sequences draft) for budget s.
@@ -144,7 +185,7 @@ class AdaptivePolicy:
         """
         b = len(seq_ids)
         if s == 0:
-            return b / max(self.target_cost.predict(b + extra), 1e-9), [False] * b
+            return b / max(self.target_cost.predict(b + extra, b), 1e-9), [False] * b
         acc = [self.expected_accepted(i, s) for i in seq_ids]
         size = [self.expected_size(i, s) for i in seq_ids]
         on = [a >= 0.05 * s and w > 0 for a, w in zip(acc, size)]
@@ -152,12 +193,12 @@ class AdaptivePolicy:
 
         def rate(on: list[bool]) -> tuple[float, float]:
             rows = b + extra + sum(w for w, o in zip(size, on) if o)
-            return (b + sum(a for a, o in zip(acc, on) if o)) / max(self.target_cost.predict(round(rows)) + draft,
+            return (b + sum(a for a, o in zip(acc, on) if o)) / max(self.target_cost.predict(round(rows), b) + draft,
                                                                     1e-9), rows
         r, rows = rate(on)
-        t = self.target_cost.predict(round(rows))
+        t = self.target_cost.predict(round(rows), b)
         keep = 1.0 + self.margin
-        on = [o and a >= keep * r * (t - self.target_cost.predict(round(rows - w))) for a, w, o in zip(acc, size, on)]
+        on = [o and a >= keep * r * (t - self.target_cost.predict(round(rows - w), b)) for a, w, o in zip(acc, size, on)]
         if not any(on):
             return 0.0, on
         return rate(on)[0], on
@@ -170,7 +211,7 @@ class AdaptivePolicy:
             return [0] * b
         if self.estimator is not None:
             rows = b + extra_rows
-            self.estimator.price_rows(max(0.0, self.target_cost.predict(rows + 8) - self.target_cost.predict(rows)) / 8)
+            self.estimator.price_rows(max(0.0, self.target_cost.predict(rows + 8, b) - self.target_cost.predict(rows, b)) / 8)
         plain, _ = self._plan(seq_ids, 0, extra_rows)
         best_s, best_rate, best_on = 0, plain * (1.0 + self.margin), [False] * b
         for s in self.menu:
@@ -181,8 +222,8 @@ class AdaptivePolicy:
             # Keep every affordable size's estimate fresh, in turn: acceptance drifts with the text
             # (and a Token Recycling matrix warms up), so a size judged once while cold must be retried.
             # Only sizes whose step costs at most twice the chosen one's are probed.
-            limit = 2 * self.target_cost.predict(b * (1 + best_s))
-            probes = [s for s in self.menu if s != best_s and self.target_cost.predict(b * (1 + s)) <= limit]
+            limit = 2 * self.target_cost.predict(b * (1 + best_s), b)
+            probes = [s for s in self.menu if s != best_s and self.target_cost.predict(b * (1 + s), b) <= limit]
             probes = probes or [self.menu[0]]
             return [probes[(self.steps // self.explore_every) % len(probes)]] * b
         return [best_s if o else 0 for o in best_on]

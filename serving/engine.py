@@ -394,9 +394,9 @@ class Engine:
         if not pending or not self._rides:
             return []
         cost = self.policy.target_cost
-        bound = self.cfg.prefill_stall * cost.predict(batch)
+        bound = self.cfg.prefill_stall * cost.predict(batch, batch)
         budget = self.cfg.prefill_chunk
-        while budget > MIN_RIDE and cost.predict(batch + budget) > bound:
+        while budget > MIN_RIDE and cost.predict(batch + budget, batch) > bound:
             budget -= 1 if budget <= 32 else budget // 8
         return _chunks(pending, budget, budget)
 
@@ -447,7 +447,7 @@ class Engine:
         self.stats.draft_seconds += t_draft
         self.stats.target_seconds += t_target
         # A batch of unequal trees runs packed: the target computed its real nodes only.
-        self.policy.target_cost.observe(rows_computed(tree), t_target)
+        self.policy.target_cost.observe(rows_computed(tree), t_target, len(seqs))
         top = max(budgets)
         self.policy.record_step(top, len(seqs), t_draft, [d.size for d, n in zip(drafts, budgets) if n == top])
 

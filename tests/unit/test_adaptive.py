@@ -83,3 +83,50 @@ def test_exploration_visits_a_neighbouring_size():
 def test_untried_sizes_are_tried_first():
     p = _policy()
     assert p.choose([0])[0] > 0  # optimistic prior: speculation gets measured before being judged
+
+
+
+def _curve() -> CostModel:
+    c = CostModel()
+    for tokens, ms in CPU_CURVE.items():
+        c.observe(tokens, ms / 1000)
+    return c
+
+
+def _batch_truth(rows: int, factor: float, batch: int = 16) -> float:
+    """Seconds of a batch-16 forward: an 80 ms plain step, each extra row `factor` times dearer than in one chain."""
+    curve = _curve()
+    return 0.080 + factor * (curve.predict(rows) - curve.predict(batch))
+
+
+def test_a_batch_is_priced_from_its_own_steps():
+    c = _curve()
+    one_chain_32 = c.predict(32)
+    assert c.predict(32, batch=16) == one_chain_32           # nothing measured at 16 yet: the curve
+    for _ in range(5):
+        c.observe(16, _batch_truth(16, 1.5), batch=16)
+    for rows in (20, 24, 40, 20, 32):
+        c.observe(rows, _batch_truth(rows, 1.5), batch=16)
+    assert c.row_factor(16) == pytest.approx(1.5, rel=1e-6)
+    for rows in (16, 18, 32, 64):
+        assert c.predict(rows, batch=16) == pytest.approx(_batch_truth(rows, 1.5), rel=1e-6)
+    assert c.predict(32) == one_chain_32                      # batch steps do not bend the one-chain curve
+    assert c.row_factor(12) == pytest.approx(1.5, rel=1e-6)   # an unmeasured batch borrows the nearest
+    assert c.predict(20, batch=12) == c.predict(20)           # but without its own plain step: the curve
+
+
+def test_batch_rows_dearer_than_the_curve_turn_speculation_off():
+    p = _policy(menu=(2,))
+    seqs = list(range(16))
+    for q in seqs:
+        _teach(p, q, {2: 1.4})
+    # At the curve's prices (16 rows 69.9 ms, 48 rows 123.35 ms): (16 + 16 * 1.4) / 123.35 = 0.311
+    # tokens/ms against 16 / 69.9 = 0.229 plain: the 2-node drafts pay.
+    assert p.choose(seqs) == [2] * 16
+    for _ in range(5):
+        p.target_cost.observe(16, _batch_truth(16, 2.0), batch=16)
+        p.target_cost.observe(48, _batch_truth(48, 2.0), batch=16)
+    # Measured at batch 16: plain 80 ms, 48 rows 80 + 2 * 53.45 = 186.9 ms: 38.4 / 186.9 = 0.205
+    # tokens/ms, below plain's 0.200 with the policy's 10% margin (0.220).
+    assert p.target_cost.predict(48, 16) == pytest.approx(0.1869, abs=1e-4)
+    assert p.choose(seqs) == [0] * 16
