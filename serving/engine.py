@@ -81,6 +81,8 @@ class Request:
     """Finish when the output text contains one of these (needs the engine's detokenizer)."""
     domain: str | None = None
     """Traffic label (e.g. "sharegpt", "humaneval") carried into the step records."""
+    speculate: bool = True
+    """False: decoded without drafts, whatever the engine's speculation (a baseline beside the rest)."""
 
 
 @dataclass(frozen=True)
@@ -432,8 +434,13 @@ class Engine:
 
     def _budgets(self, seqs: list[_Sequence], extra_rows: int = 0) -> list[int]:
         spec = self.cfg.speculation
-        wanted = self.policy.choose([s.seq_id for s in seqs], extra_rows) if spec == "adaptive" \
-            else [spec] * len(seqs)
+        drafting = [s.seq_id for s in seqs if s.request.speculate]
+        if spec == "adaptive":
+            # Sequences that opted out ride as plain rows of the same forward.
+            picked = dict(zip(drafting, self.policy.choose(drafting, extra_rows + len(seqs) - len(drafting))))
+            wanted = [picked.get(s.seq_id, 0) for s in seqs]
+        else:
+            wanted = [spec if s.request.speculate else 0 for s in seqs]
         out = []
         for s, n in zip(seqs, wanted):
             # No deeper than the tokens still allowed, and the tree must fit the cache slot.

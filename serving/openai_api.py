@@ -47,6 +47,8 @@ class _Common(BaseModel):
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     metadata: dict[str, str] | None = Field(None, description='{"domain": "code"} labels the traffic')
+    speculate: StrictBool = Field(True, description="extension: false decodes this request without drafts "
+                                                    "(the same output; a baseline to measure speculation against)")
 
     @field_validator("stop")
     @classmethod
@@ -340,7 +342,7 @@ class Completer:
         domain = (req.metadata or {}).get("domain")
         if domain is None and self.route is not None:
             domain = self.route(tuple(ids))
-        return Request(request_id, tuple(ids), params, req.stops(), domain)
+        return Request(request_id, tuple(ids), params, req.stops(), domain, speculate=req.speculate)
 
 
 class _Output:

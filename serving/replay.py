@@ -26,6 +26,7 @@ class RequestSpec:
     text: str
     kind: str = "chat"  # "chat" -> /v1/chat/completions, "completion" -> /v1/completions
     phase: str = ""
+    speculate: bool = True  # False: sent with `"speculate": false`, a no-speculation baseline
 
 
 @dataclass
@@ -48,6 +49,12 @@ class Outcome:
     drafter_version: str = ""     # the version that drafted its last step
     versions: tuple[str, ...] = ()  # every version that drafted for it, in order
     replica_id: str = ""
+    speculate: bool = True        # False: a no-speculation baseline request
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Completion tokens over the request's whole latency, as its client saw it."""
+        return self.completion_tokens / self.latency_s if self.ok and self.latency_s > 0 else None
 
     @property
     def acceptance(self) -> float | None:
@@ -57,12 +64,15 @@ class Outcome:
     def as_dict(self) -> dict:
         out = asdict(self)
         out["acceptance"] = self.acceptance
+        out["tokens_per_s"] = self.tokens_per_s
         return out
 
 
 def request_body(spec: RequestSpec, model: str, max_tokens: int) -> tuple[str, dict]:
     """(path, JSON body) of a greedy request for `spec`."""
     body: dict = {"model": model, "max_tokens": max_tokens, "temperature": 0, "metadata": {"domain": spec.domain}}
+    if not spec.speculate:
+        body["speculate"] = False
     if spec.kind == "chat":
         body["messages"] = [{"role": "user", "content": spec.text}]
         return "/v1/chat/completions", body
@@ -74,7 +84,8 @@ def request_body(spec: RequestSpec, model: str, max_tokens: int) -> tuple[str, d
 
 def outcome_of(index: int, spec: RequestSpec, started: float, latency: float, response: httpx.Response) -> Outcome:
     """Parse one response (any status) into an Outcome."""
-    out = Outcome(index, spec.domain, spec.phase, started, latency, ok=False, status=response.status_code)
+    out = Outcome(index, spec.domain, spec.phase, started, latency, ok=False, status=response.status_code,
+                  speculate=spec.speculate)
     try:
         body = response.json()
     except ValueError:
@@ -144,7 +155,7 @@ class Replayer:
                 out = outcome_of(index, spec, started - self._t0, time.monotonic() - started, response)
             except (httpx.HTTPError, OSError) as exc:
                 out = Outcome(index, spec.domain, spec.phase, started - self._t0, time.monotonic() - started,
-                              ok=False, error=f"{type(exc).__name__}: {exc}")
+                              ok=False, error=f"{type(exc).__name__}: {exc}", speculate=spec.speculate)
             finally:
                 self.in_flight -= 1
             self.outcomes.append(out)

@@ -47,6 +47,16 @@ def _fraction(value: str) -> float:
     return f
 
 
+def _every(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--baseline-every must be a whole number, got {value!r}") from None
+    if n < 0 or n == 1:
+        raise argparse.ArgumentTypeError(f"--baseline-every must be 0 (no baseline) or at least 2, got {value!r}")
+    return n
+
+
 def add_parser(sub: Any) -> None:
     from moe.loader import DEFAULT_MODEL
 
@@ -58,6 +68,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="target model (default: %(default)s)")
     p.add_argument("--users", type=int, default=2, help="concurrent clients (default 2)")
     p.add_argument("--think-s", type=float, default=0.5, help="mean pause of a client between requests (s)")
+    p.add_argument("--baseline-every", type=_every, default=6,
+                   help="send every Nth request of a domain without speculation, the baseline the plot's "
+                        "tokens/s ratio is taken against (0: none; default 6)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per request (default 48)")
     p.add_argument("--drafter", default="eagle", choices=["eagle", "draft-lm"],
                    help="eagle: the warm-start head, trained once on first use (`spectutor draft init`), then "
@@ -69,8 +82,12 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
-def traffic(shift_s: float, t0: float, seed: int = 0) -> Iterator[RequestSpec]:
-    """ShareGPT chats until `shift_s` after t0 (time.monotonic()), then HumanEval problems (train splits, cycled)."""
+def traffic(shift_s: float, t0: float, seed: int = 0, baseline_every: int = 0) -> Iterator[RequestSpec]:
+    """ShareGPT chats until `shift_s` after t0 (time.monotonic()), then HumanEval problems (train splits, cycled).
+
+    Every `baseline_every`-th request of a domain (0: none) is sent without speculation: the baseline
+    that the demo's tokens/s are compared with, measured on the same replicas at the same time.
+    """
     from serving.traffic import humaneval_prompts, sharegpt_prompts
 
     rng = random.Random(seed)
@@ -79,13 +96,14 @@ def traffic(shift_s: float, t0: float, seed: int = 0) -> Iterator[RequestSpec]:
     rng.shuffle(chats)
     rng.shuffle(code)
     chats_it, code_it = cycle(chats), cycle(code)
+    sent = {"sharegpt": 0, "humaneval": 0}
     while True:
-        if time.monotonic() - t0 < shift_s:
-            p = next(chats_it)
-            yield RequestSpec("sharegpt", p.text, "chat", "sharegpt")
-        else:
-            p = next(code_it)
-            yield RequestSpec("humaneval", p.text, "completion", "humaneval")
+        domain = "sharegpt" if time.monotonic() - t0 < shift_s else "humaneval"
+        p = next(chats_it if domain == "sharegpt" else code_it)
+        sent[domain] += 1
+        baseline = bool(baseline_every) and sent[domain] % baseline_every == 0
+        yield RequestSpec(domain, p.text, "chat" if domain == "sharegpt" else "completion", domain,
+                          speculate=not baseline)
 
 
 class Progress:
@@ -244,7 +262,7 @@ async def _run(loop: Any, args: argparse.Namespace, progress: Progress, total_s:
     from rich.live import Live
 
     progress.t0 = time.monotonic()
-    requests = traffic(progress.shift_s, progress.t0)
+    requests = traffic(progress.shift_s, progress.t0, baseline_every=args.baseline_every)
     replayer = Replayer(loop.url, loop.cfg.served_model_name, lambda: next(requests), users=args.users,
                         think_s=args.think_s, max_tokens=args.max_tokens, on_outcome=progress.add)
     stop = lambda: time.monotonic() - progress.t0 >= total_s  # noqa: E731
@@ -291,6 +309,7 @@ def _report(args: argparse.Namespace, cfg: Any, loop: Any, progress: Progress, s
     outcomes = progress.outcomes
     config = {"minutes": args.minutes, "shift_at": args.shift_at, "model": args.model, "users": args.users,
               "think_s": args.think_s, "max_tokens": args.max_tokens, "drafter": args.drafter,
+              "baseline_every": args.baseline_every,
               "draft_layers": args.draft_layers,
               "speculation": args.speculation, "lineage": cfg.lineage, "topic": cfg.topic,
               "trainer_args": cfg.trainer_args, "trainer_log": str(loop.trainer_log)}
@@ -305,6 +324,10 @@ def _report(args: argparse.Namespace, cfg: Any, loop: Any, progress: Progress, s
         if first is not None and last is not None:
             print(f"{domain}: acceptance {first:.3f} in its first third of requests -> {last:.3f} in its last "
                   f"({d['requests']} requests)")
+        speed = d["tokens_per_s"]
+        if speed["vs_baseline"] is not None:
+            print(f"{domain}: {speed['speculative']:.1f} tokens/s per request, {speed['vs_baseline']:.2f}x the "
+                  f"{speed['baseline_requests']} requests sent without speculation")
     print(f"promotions: {', '.join('v' + p['version'] for p in progress.promotions) or 'none'}; "
           f"versions that served: {', '.join(summary['versions_served']) or '-'}")
     if "ui" in registry:

@@ -1,4 +1,5 @@
-"""The demo's results: a summary (JSON) and acceptance over time (PNG), from the requests' outcomes,
+"""The demo's results: a summary (JSON) and, over time, acceptance, tokens/s and its ratio to the
+no-speculation baseline requests (PNG), from the requests' outcomes,
 the promotions seen and the registry's versions. Pure functions of their inputs (no services)."""
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ def summarize(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[
     """Counts, acceptance per domain and phase (first vs last third of each phase), promotions."""
     by_domain: dict[str, dict[str, Any]] = {}
     for domain in sorted({o.domain for o in outcomes}):
-        mine = [o for o in outcomes if o.domain == domain]
+        everyone = [o for o in outcomes if o.domain == domain]
+        mine = [o for o in everyone if o.speculate]
         first, last = thirds(mine)
         a_first, a_last = acceptance(first), acceptance(last)
         by_domain[domain] = {
             "requests": len(mine), "failed": sum(not o.ok for o in mine),
             "acceptance": acceptance(mine), "acceptance_first_third": a_first, "acceptance_last_third": a_last,
             "rise": (a_last - a_first) if a_first is not None and a_last is not None else None,
-            "tokens_per_step_last_third": _tokens_per_step(last)}
+            "tokens_per_step_last_third": _tokens_per_step(last),
+            "tokens_per_s": speed(everyone)}
     failed = [o for o in outcomes if not o.ok]
     return {
         "machine": machine(), "config": config, "interrupted": interrupted, "shift_at_s": shift_s,
@@ -52,6 +55,21 @@ def summarize(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[
         "domains": by_domain,
         "versions_served": sorted({v for o in outcomes for v in o.versions}, key=numeric_version),
         "promotions": list(promotions), "registry": registry, "trainer": trainer}
+
+
+def mean_tokens_per_s(outcomes: Sequence[Outcome]) -> float | None:
+    """Mean over requests of completion tokens / latency (successful ones)."""
+    rates = [o.tokens_per_s for o in outcomes if o.tokens_per_s is not None]
+    return sum(rates) / len(rates) if rates else None
+
+
+def speed(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """Tokens/s per request with speculation and in the baseline sent without it, and their ratio."""
+    spec = mean_tokens_per_s([o for o in outcomes if o.speculate])
+    base = mean_tokens_per_s([o for o in outcomes if not o.speculate])
+    return {"speculative": spec, "baseline": base,
+            "baseline_requests": sum(1 for o in outcomes if not o.speculate and o.ok),
+            "vs_baseline": spec / base if spec is not None and base else None}
 
 
 def _tokens_per_step(outcomes: Sequence[Outcome]) -> float | None:
@@ -64,34 +82,58 @@ def _tokens_per_step(outcomes: Sequence[Outcome]) -> float | None:
 
 def plot(outcomes: Sequence[Outcome], shift_s: float, promotions: Sequence[dict], path: Path, title: str,
          window: int = 8) -> None:
-    """Per-request acceptance (dots) and its rolling mean per domain (lines); the shift and promotions."""
+    """Per domain over time: acceptance (per request and its rolling mean), tokens/s per request with
+    speculation and in the no-speculation baseline (rolling means), and their ratio; the shift and promotions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, (acc_ax, tps_ax, ratio_ax) = plt.subplots(3, 1, figsize=(10, 10), sharex=True)
     colors = {"sharegpt": "tab:blue", "humaneval": "tab:orange"}
+    end = lambda o: (o.started_s + o.latency_s) / 60  # noqa: E731 - answer time in minutes
     for domain in sorted({o.domain for o in outcomes}):
-        mine = sorted((o for o in outcomes if o.domain == domain and o.ok and o.draft_tokens), key=lambda o: o.started_s)
-        if not mine:
-            continue
         color = colors.get(domain)
-        xs = [(o.started_s + o.latency_s) / 60 for o in mine]
-        ax.scatter(xs, [o.acceptance for o in mine], s=10, alpha=0.35, color=color)
-        rolling = [acceptance(mine[max(0, i - window + 1):i + 1]) for i in range(len(mine))]
-        ax.plot(xs, rolling, color=color, lw=2, label=f"{domain} (mean of last {window} requests)")
-    ax.axvline(shift_s / 60, color="black", ls="--", lw=1)
-    ax.text(shift_s / 60, 0.9, " traffic shifts to HumanEval", transform=ax.get_xaxis_transform(), fontsize=9)
+        done = sorted((o for o in outcomes if o.domain == domain and o.ok), key=end)
+        drafted = [o for o in done if o.speculate and o.draft_tokens]
+        if drafted:
+            acc_ax.scatter([end(o) for o in drafted], [o.acceptance for o in drafted], s=10, alpha=0.35, color=color)
+            acc_ax.plot([end(o) for o in drafted],
+                        [acceptance(drafted[max(0, i - window + 1):i + 1]) for i in range(len(drafted))],
+                        color=color, lw=2, label=f"{domain} (mean of last {window} requests)")
+        spec = [o for o in done if o.speculate]
+        base = [o for o in done if not o.speculate]
+        for group, style, label in ((spec, "-", "speculative"), (base, "--", "no speculation")):
+            if group:
+                tps_ax.plot([end(o) for o in group],
+                            [mean_tokens_per_s(group[max(0, i - window + 1):i + 1]) for i in range(len(group))],
+                            color=color, ls=style, lw=2, label=f"{domain}, {label}")
+        if spec and base:
+            xs, ys = [], []
+            for i, o in enumerate(spec):  # the last `window` of each group answered by then
+                b = [x for x in base if end(x) <= end(o)][-window:]
+                if b:
+                    xs.append(end(o))
+                    ys.append(mean_tokens_per_s(spec[max(0, i - window + 1):i + 1]) / mean_tokens_per_s(b))
+            ratio_ax.plot(xs, ys, color=color, lw=2, label=domain)
+    for ax in (acc_ax, tps_ax, ratio_ax):
+        ax.axvline(shift_s / 60, color="black", ls="--", lw=1)
+        for p in promotions:
+            ax.axvline(p["at_s"] / 60, color="tab:green", ls=":", lw=1)
+    acc_ax.text(shift_s / 60, 0.9, " traffic shifts to HumanEval", transform=acc_ax.get_xaxis_transform(), fontsize=9)
     for p in promotions:
-        ax.axvline(p["at_s"] / 60, color="tab:green", ls=":", lw=1)
-        ax.text(p["at_s"] / 60, 0.97, f"v{p['version']}", transform=ax.get_xaxis_transform(), fontsize=8,
-                color="tab:green", ha="center")
-    ax.set_xlabel("minutes since traffic started (answer time)")
-    ax.set_ylabel("draft acceptance (accepted / proposed tokens)")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="center left")
+        acc_ax.text(p["at_s"] / 60, 0.97, f"v{p['version']}", transform=acc_ax.get_xaxis_transform(), fontsize=8,
+                    color="tab:green", ha="center")
+    ratio_ax.axhline(1.0, color="gray", lw=1)
+    acc_ax.set_ylabel("draft acceptance\n(accepted / proposed)")
+    acc_ax.set_ylim(0, 1)
+    tps_ax.set_ylabel(f"tokens/s per request\n(mean of last {window})")
+    ratio_ax.set_ylabel("speculative / no speculation\n(tokens/s)")
+    ratio_ax.set_xlabel("minutes since traffic started (answer time)")
+    acc_ax.set_title(title, fontsize=10)
+    for ax in (acc_ax, tps_ax, ratio_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="center left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 import socket
 
 import httpx
@@ -63,8 +64,37 @@ def test_summary_pools_acceptance_by_thirds_and_counts_failures(tmp_path) -> Non
     assert (tmp_path / "run" / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_speed_is_compared_with_the_requests_sent_without_speculation(tmp_path) -> None:
+    # Speculative requests: 10 tokens in 0.5 s and 1.0 s (20 and 10 tokens/s, mean 15); baseline: 10 in 2.0 s (5).
+    outs = [Outcome(0, "sharegpt", "sharegpt", 0.0, 0.5, True, completion_tokens=10, draft_tokens=8, accepted_tokens=4),
+            Outcome(1, "sharegpt", "sharegpt", 1.0, 2.0, True, completion_tokens=10, speculate=False),
+            Outcome(2, "sharegpt", "sharegpt", 2.0, 1.0, True, completion_tokens=10, draft_tokens=8, accepted_tokens=2),
+            Outcome(3, "sharegpt", "sharegpt", 3.0, 2.0, False, speculate=False)]
+    s = demo_report.summarize(outs, 10.0, [], {}, {}, None, interrupted=False)
+    speed = s["domains"]["sharegpt"]["tokens_per_s"]
+    assert speed == {"speculative": 15.0, "baseline": 5.0, "baseline_requests": 1, "vs_baseline": 3.0}
+    assert s["domains"]["sharegpt"]["requests"] == 2  # acceptance and its counts are the speculative ones'
+    assert acceptance(outs) == pytest.approx(6 / 16)
+    demo_report.write(s, outs, tmp_path / "run", "test")
+    assert (tmp_path / "run" / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path, body = request_body(RequestSpec("sharegpt", "hi", "chat", speculate=False), "m", 8)
+    assert body["speculate"] is False
+    assert "speculate" not in request_body(RequestSpec("sharegpt", "hi", "chat"), "m", 8)[1]
+
+
+def test_traffic_sends_every_nth_request_of_a_domain_without_speculation() -> None:
+    import time
+
+    from spectutor.demo_cmd import traffic
+
+    specs = list(islice(traffic(3600.0, time.monotonic(), baseline_every=4), 12))
+    assert [s.speculate for s in specs] == [True, True, True, False] * 3
+    assert all(s.speculate for s in islice(traffic(3600.0, time.monotonic()), 12))
+
+
 @pytest.mark.parametrize("argv,named", [(["--minutes", "0.5"], "--minutes"), (["--minutes", "ten"], "--minutes"),
-                                        (["--shift-at", "1.5"], "--shift-at")])
+                                        (["--shift-at", "1.5"], "--shift-at"), (["--baseline-every", "1"], "--baseline-every"),
+                                        (["--baseline-every", "x"], "--baseline-every")])
 def test_bad_demo_arguments_name_the_value(argv, named, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         cli(["demo", *argv])

@@ -417,3 +417,22 @@ def test_a_feature_drafter_sees_the_same_features_chunked_or_whole(tiny_model):
     whole, chunked = proposals
     assert sum(len(t) for t in chunked[1]) > 0
     assert chunked[1] == whole[1] and chunked[2] == whole[2]
+
+
+@pytest.mark.parametrize("spec", [4, "adaptive"])
+def test_a_request_that_opts_out_of_speculation_gets_no_drafts_beside_one_that_drafts(tiny_model, spec):
+    folder = tiny_model("llama")
+    target = load_model(str(folder), with_tokenizer=False).model
+    # A full-depth draft LM is the target itself: every draft it makes is accepted, so it always drafts.
+    drafter = DraftLMDrafter(draft_from_target(str(folder), target.cfg.num_layers, max_len=128), max_batch=2,
+                             max_len=128)
+    engine = Engine(target, drafter, EngineConfig(max_batch=2, max_len=128, speculation=spec))
+    prompts = _prompts(2, target.cfg.vocab_size, seed=3)
+    engine.add_request(Request("on", tuple(prompts[0]), GREEDY))
+    engine.add_request(Request("off", tuple(prompts[1]), GREEDY, speculate=False))
+    done = {f.request_id: f for f in engine.run_to_completion()}
+    assert done["off"].draft_tokens == 0 and all(s.proposed == 0 for s in done["off"].steps)
+    assert len(done["off"].steps) == GREEDY.max_new_tokens  # one token per step: plain decoding
+    assert done["on"].draft_tokens > 0
+    for name, p in (("on", prompts[0]), ("off", prompts[1])):
+        assert done[name].output_ids == tuple(generate(target, p, GREEDY)), name

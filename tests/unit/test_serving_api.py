@@ -188,6 +188,7 @@ def test_concurrent_requests_are_decoded_together_and_stay_exact(server, replica
     ({"model": "tiny", "prompt": "x", "stream": "yes"}, 422, "stream"),
     ({"model": "tiny", "prompt": "x", "seed": 2**70}, 422, "seed"),
     ({"model": "tiny", "prompt": "x", "stop": ["", "a"]}, 422, "stop"),
+    ({"model": "tiny", "prompt": "x", "speculate": "no"}, 422, "speculate"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),
     ({"model": "tiny", "prompt": []}, 400, "prompt"),
     ({"model": "tiny", "prompt": [1, 2, 10**9]}, 400, "prompt"),
@@ -241,6 +242,15 @@ def test_overload_answers_429_with_retry_after(server, replica):
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["type"] == "rate_limit_error"
     assert httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}).is_success
+
+
+def test_speculate_false_decodes_without_drafts_and_says_the_same(server):
+    body = {"model": "tiny", "prompt": "a b a b a b a b", "max_tokens": 12, "temperature": 0}
+    on = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    off = httpx.post(f"{server.url}/v1/completions", json={**body, "speculate": False}, timeout=60).json()
+    assert off["choices"][0]["text"] == on["choices"][0]["text"]
+    spec = off["usage"]["speculative"]
+    assert spec["draft_tokens"] == 0 and spec["steps"] == off["usage"]["completion_tokens"]
 
 
 def test_domain_from_metadata_reaches_the_engine(server, replica):
