@@ -38,7 +38,7 @@ from bench.machine_info import torch_machine  # noqa: E402
 from bench.online import prompts as split_prompts, teacher_events  # noqa: E402
 from bench.speculative import _Counter, run_hf  # noqa: E402
 from drafters.base import NoDrafter  # noqa: E402
-from drafters.eagle import EagleDrafter, is_eagle_checkpoint, load_eagle, warm_start_dir  # noqa: E402
+from drafters.eagle import is_eagle_checkpoint, load_eagle, serving_drafter, warm_start_dir  # noqa: E402
 from moe.generate import SamplingParams  # noqa: E402
 from moe.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from serving.engine import Engine, EngineConfig, Request  # noqa: E402
@@ -87,10 +87,7 @@ def baselines(lm, hf, counter, prompts: list[list[int]], new_tokens: int) -> dic
 
 def eagle_row(lm, head, version: str, prompts, new_tokens: int, reference: list, speculation,
               tree_topk: int = 0) -> dict:
-    from moe.kernels import running
-
-    drafter = EagleDrafter(head, version, max_batch=1, max_len=2048, cost_hint=head.cost_ratio(lm.config),
-                           kernels=running(lm.model), tree_topk=tree_topk)
+    drafter = serving_drafter(head, version, lm.model, max_batch=1, max_len=2048, tree_topk=tree_topk)
     row = decode_all(lm, drafter, prompts, new_tokens, speculation)
     row["identical"] = sum(a == b for a, b in zip(row.pop("outputs"), reference))
     return row

@@ -510,6 +510,17 @@ class EagleDrafter:
         return [_best_tree(nodes[i], r.budget) for i, r in enumerate(reqs)]
 
 
+def serving_drafter(head: EagleHead, version: str, target, max_batch: int, max_len: int,
+                    min_confidence: float = 0.1, tree_topk: int = 0) -> "EagleDrafter":
+    """An EagleDrafter for `head` beside the loaded `target`: on its device, on the kernels it runs,
+    priced by the two models' shapes (the registry, a replica's hot swap and the benches build it so)."""
+    from moe.kernels import running
+
+    head.to(target.embed.weight.device)
+    return EagleDrafter(head, version, max_batch=max_batch, max_len=max_len, kernels=running(target),
+                        min_confidence=min_confidence, cost_hint=head.cost_ratio(target.cfg), tree_topk=tree_topk)
+
+
 def _best_tree(nodes: list[tuple[int, int, float, int]], budget: int) -> Draft:
     """The `budget` likeliest nodes (ties to the shallower, then the earlier), as a draft in creation order."""
     keep = sorted(sorted(range(len(nodes)), key=lambda n: (-nodes[n][2], nodes[n][3], n))[:budget])

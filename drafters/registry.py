@@ -119,7 +119,7 @@ def build_drafter(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_bat
 def _eagle(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int, target_cfg,
            target) -> Drafter:
     """An EagleDrafter from `cfg.draft_checkpoint` or the cached warm-start head; the fallback while none exists."""
-    from drafters.eagle import EagleDrafter, is_eagle_checkpoint, load_eagle, warm_start_dir
+    from drafters.eagle import is_eagle_checkpoint, load_eagle, serving_drafter, warm_start_dir
 
     if target is None:
         raise ValueError("the eagle drafter needs the target model itself (it reads its hidden states)")
@@ -137,13 +137,8 @@ def _eagle(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int
             return build_drafter(dataclasses.replace(cfg, name=cfg.fallback), target_spec, vocab_size, max_batch,
                                  max_len, target_cfg, target)
         log.info("eagle: no checkpoint given, using the warm-start head in %s", folder)
-    from moe.kernels import running
-
     head, version = load_eagle(folder, target.cfg, target.embed, max_len)
-    head.to(target.embed.weight.device)
-    return EagleDrafter(head, version, max_batch=max_batch, max_len=max_len, kernels=running(target),
-                        min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(target.cfg),
-                        tree_topk=cfg.eagle_tree_topk)
+    return serving_drafter(head, version, target, max_batch, max_len, cfg.eagle_min_confidence, cfg.eagle_tree_topk)
 
 
 def _controller(cfg: DrafterConfig, target_spec: str, vocab_size: int, max_batch: int, max_len: int, target_cfg,

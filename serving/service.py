@@ -537,18 +537,15 @@ class Replica:
         against this replica's target: a head that does not fit raises ValueError naming the mismatch,
         and the swapper keeps the current drafter), else a DraftLMDrafter."""
         from drafters.draft_lm import DraftLMDrafter, load_draft
-        from drafters.eagle import EagleDrafter, is_eagle_checkpoint, load_eagle
-        from moe.kernels import running
+        from drafters.eagle import is_eagle_checkpoint, load_eagle, serving_drafter
 
         cfg, tcfg, target = self.cfg, self.loaded.config, self.loaded.model
 
         def build(folder: Any, version: str) -> Drafter:
             if is_eagle_checkpoint(folder):
                 head, _ = load_eagle(folder, tcfg, target.embed, max_len)
-                head.to(target.embed.weight.device)
-                return EagleDrafter(head, version, max_batch=cfg.max_batch, max_len=max_len, kernels=running(target),
-                                    min_confidence=cfg.eagle_min_confidence, cost_hint=head.cost_ratio(tcfg),
-                                    tree_topk=cfg.eagle_tree_topk)
+                return serving_drafter(head, version, target, cfg.max_batch, max_len, cfg.eagle_min_confidence,
+                                       cfg.eagle_tree_topk)
             model, _ = load_draft(folder, max_len=max_len)
             model.to(target.embed.weight.device)
             return DraftLMDrafter(model, version, mode=cfg.draft_mode, max_batch=cfg.max_batch, max_len=max_len,
